@@ -1,0 +1,24 @@
+"""ringlet's Triton kernels, each beside a torch reference of the same signature (`name_ref`).
+
+Launchers run Triton on CUDA tensors and the reference on CPU tensors; `RINGLET_KERNELS=triton` forces Triton
+(with `TRITON_INTERPRET=1`, on the CPU), `RINGLET_KERNELS=torch` the references.
+"""
+from ._dispatch import use_triton
+from .decode_attention import decode_attention, decode_attention_ref
+from .gemv import linear, linear_ref
+from .paged_kv import write_kv, write_kv_ref
+from .prefill_attention import prefill_attention, prefill_attention_ref
+from .rms_norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
+from .rope import apply_rope, apply_rope_ref, rope_cos_sin
+from .silu_mul import silu_mul, silu_mul_ref
+
+__all__ = [
+    "use_triton",
+    "rms_norm", "rms_norm_ref", "fused_add_rms_norm", "fused_add_rms_norm_ref",
+    "apply_rope", "apply_rope_ref", "rope_cos_sin",
+    "silu_mul", "silu_mul_ref",
+    "write_kv", "write_kv_ref",
+    "prefill_attention", "prefill_attention_ref",
+    "decode_attention", "decode_attention_ref",
+    "linear", "linear_ref",
+]

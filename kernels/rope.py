@@ -1,0 +1,121 @@
+"""Rotary position embedding, rotate-half convention (GPT-NeoX, HF Llama), applied to q and k in one launch."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
+from ._dispatch import use_triton
+
+
+@triton.jit
+def _rotate_heads(
+    x_ptr,  # [T, H, 2 * HALF] input, last dim contiguous
+    out_ptr,  # [T, H, 2 * HALF] contiguous output
+    row,  # token index (int64)
+    H,  # number of heads
+    stride_t,  # token stride of x
+    stride_h,  # head stride of x
+    cos,  # [1, BLOCK_HALF] float32
+    sin,  # [1, BLOCK_HALF] float32
+    HALF: tl.constexpr,  # head_dim // 2
+    BLOCK_H: tl.constexpr,  # power of two >= H
+    BLOCK_HALF: tl.constexpr,  # power of two >= HALF
+):
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    cols = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (heads < H) & (cols < HALF)
+    src = x_ptr + row * stride_t + heads * stride_h + cols
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    dst = out_ptr + (row * H + heads) * (2 * HALF) + cols
+    tl.store(dst, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(
+    q_ptr,  # [T, Hq, Dh] queries
+    k_ptr,  # [T, Hk, Dh] keys
+    positions_ptr,  # [T] position of each token
+    cos_sin_ptr,  # [max_pos, Dh] float32 table from rope_cos_sin
+    q_out_ptr,  # [T, Hq, Dh] contiguous
+    k_out_ptr,  # [T, Hk, Dh] contiguous
+    Hq,  # query heads
+    Hk,  # key heads
+    stride_qt, stride_qh,  # q strides (token, head)
+    stride_kt, stride_kh,  # k strides (token, head)
+    HALF: tl.constexpr,  # Dh // 2
+    BLOCK_HQ: tl.constexpr,  # power of two >= Hq
+    BLOCK_HK: tl.constexpr,  # power of two >= Hk
+    BLOCK_HALF: tl.constexpr,  # power of two >= HALF
+):
+    row = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + row).to(tl.int64)
+    cols = tl.arange(0, BLOCK_HALF)[None, :]
+    table = cos_sin_ptr + pos * (2 * HALF) + cols
+    cos = tl.load(table, mask=cols < HALF, other=0.0)
+    sin = tl.load(table + HALF, mask=cols < HALF, other=0.0)
+    _rotate_heads(q_ptr, q_out_ptr, row, Hq, stride_qt, stride_qh, cos, sin, HALF, BLOCK_HQ, BLOCK_HALF)
+    _rotate_heads(k_ptr, k_out_ptr, row, Hk, stride_kt, stride_kh, cos, sin, HALF, BLOCK_HK, BLOCK_HALF)
+
+
+def rope_cos_sin(max_pos: int, head_dim: int, theta: float, device: torch.device | str) -> torch.Tensor:
+    """The table `apply_rope` reads: [max_pos, head_dim] float32 on `device`.
+
+    Row p holds cos(p * inv_freq) in its first half and sin(p * inv_freq) in its second, with
+    inv_freq[i] = theta ** (-2i / head_dim). Computed in float32 like HF transformers' Llama, so positions round
+    the same way as in the checkpoints' reference implementation.
+    """
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even, got {head_dim}")
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32, device=device), inv_freq)
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+               cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k by their tokens' positions: with x1, x2 the halves of a head,
+    out = cat(x1 * cos - x2 * sin, x2 * cos + x1 * sin), in float32.
+
+    q [T, Hq, Dh], k [T, Hk, Dh] of one fp16/bf16/fp32 dtype, any token/head strides with a contiguous last dim
+    (e.g. column slices of a fused qkv tensor); positions [T] int32/int64, each < max_pos; cos_sin
+    [max_pos, Dh] float32 from `rope_cos_sin`. Returns new contiguous (q_out [T, Hq, Dh], k_out [T, Hk, Dh]).
+    """
+    if not use_triton(q):
+        return apply_rope_ref(q, k, positions, cos_sin)
+    check_tensor("q", q, (None, None, None), FLOAT_DTYPES)
+    t, hq, dh = q.shape
+    check_tensor("k", k, (t, None, dh), (q.dtype,), q.device)
+    check_tensor("positions", positions, (t,), INDEX_DTYPES, q.device, layout="contiguous")
+    check_tensor("cos_sin", cos_sin, (None, dh), (torch.float32,), q.device, layout="contiguous")
+    if dh % 2:
+        raise ValueError(f"head_dim must be even, got q of shape {tuple(q.shape)}")
+    hk = k.shape[1]
+    q_out = torch.empty((t, hq, dh), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((t, hk, dh), dtype=k.dtype, device=k.device)
+    if t == 0:
+        return q_out, k_out
+    _rope_kernel[(t,)](
+        q, k, positions, cos_sin, q_out, k_out,
+        hq, hk, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        HALF=dh // 2, BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HK=triton.next_power_of_2(hk),
+        BLOCK_HALF=triton.next_power_of_2(dh // 2), num_warps=4,
+    )
+    return q_out, k_out
+
+
+def apply_rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                   cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference for `apply_rope`."""
+    half = q.shape[-1] // 2
+    table = cos_sin[positions.long()].unsqueeze(1)  # [T, 1, Dh]
+    cos, sin = table[..., :half], table[..., half:]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float()[..., :half], x.float()[..., half:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)

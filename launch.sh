@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# launch.sh: run `python -m ringlet COMMAND ...` as one process, or as N MPI ranks (mpirun, or srun under SLURM).
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+usage: ./launch.sh [-n N] [--mpi-args "ARGS"] [--module M] COMMAND [ARGS...]
+
+Runs `python -m ringlet COMMAND ARGS...`, e.g. `./launch.sh -n 8 serve`:
+  in a SLURM allocation  srun --mpi=PLUGIN [-n N] python -m ringlet ...  (no -n: the allocation's task count)
+  N > 1 elsewhere        mpirun -n N python -m ringlet ...  (Open MPI or MPICH; as root and oversubscribed too)
+  N = 1 (the default)    python -m ringlet ...
+
+options (before COMMAND):
+  -n N               number of ranks, a positive integer
+  --mpi-args "ARGS"  extra arguments for mpirun or srun, split on whitespace (also runs mpirun when N = 1)
+  --module M         run `python -m M ARGS...` instead; `--module ringlet.mpi` prints where each rank landed
+  -h, --help         this text
+
+environment:
+  PYTHON             the python every rank runs (default: python3 on PATH)
+  RINGLET_MPIRUN     the mpirun to use (default: mpirun on PATH)
+  RINGLET_SRUN_MPI   srun's --mpi plugin (default: pmix for Open MPI, pmi2 for MPICH, as `srun --mpi=list` offers)
+EOF
+}
+
+die() {
+    echo "launch.sh: $*" >&2
+    exit 2
+}
+
+n=""
+n_given=0
+mpi_args=""
+module=ringlet
+while (($#)); do
+    case $1 in
+        -h | --help) usage; exit 0 ;;
+        -n) (($# >= 2)) || die "-n needs a positive integer"; n=$2; n_given=1; shift 2 ;;
+        -n*) n=${1#-n}; n=${n#=}; n_given=1; shift ;;
+        --mpi-args) (($# >= 2)) || die "--mpi-args needs a value"; mpi_args+=" $2"; shift 2 ;;
+        --mpi-args=*) mpi_args+=" ${1#*=}"; shift ;;
+        --module) (($# >= 2)) || die "--module needs a module name"; module=$2; shift 2 ;;
+        --module=*) module=${1#*=}; shift ;;
+        --) shift; break ;;
+        -*) die "unknown option '$1' before COMMAND (see ./launch.sh --help)" ;;
+        *) break ;;
+    esac
+done
+if ((n_given)) && [[ ! $n =~ ^[1-9][0-9]*$ ]]; then
+    die "-n needs a positive integer, got '$n'"
+fi
+if [[ $module == ringlet && $# -eq 0 ]]; then
+    usage >&2
+    exit 2
+fi
+read -r -a extra <<<"$mpi_args"
+
+py=$(command -v -- "${PYTHON:-python3}") ||
+    die "python not found: '${PYTHON:-python3}' (set PYTHON to the python that has ringlet installed)"
+export PYTHON=$py
+cmd=("$py" -m "$module" "$@")
+
+# The MPI family of a version text: `mpirun --version`, or the library line that mpi4py loads.
+family() {
+    case ${1,,} in
+        *"open mpi"* | *openrte*) echo openmpi ;;
+        *hydra* | *mpich*) echo mpich ;; # MPICH's own hydra mpiexec and libmpi
+        *) echo other ;;                 # Intel MPI, MVAPICH, ...: left to their defaults
+    esac
+}
+
+# First line of the MPI library version that mpi4py loads in $py, without initialising MPI.
+mpi_library() {
+    "$py" -c 'import mpi4py
+mpi4py.rc.initialize = mpi4py.rc.finalize = False
+from mpi4py import MPI
+print(" ".join(MPI.Get_library_version().replace("\0", "").splitlines()[0].split()))'
+}
+
+# --- SLURM: an allocation (sbatch script or salloc shell), not yet inside an srun step ---------------------------
+if [[ -n ${SLURM_JOB_ID:-} && -z ${SLURM_STEP_ID:-} ]]; then
+    command -v srun >/dev/null || die "SLURM_JOB_ID is set but srun is not on PATH"
+    plugin=${RINGLET_SRUN_MPI:-}
+    if [[ -z $plugin ]]; then
+        # Old srun writes "srun: pmi2" lines to stderr, newer ones an indented list to stdout.
+        offered=$(timeout 60 srun --mpi=list 2>&1 | sed -E 's/^srun: *//; s/^[[:space:]]+//; s/[[:space:]]+$//') || true
+        lib=$(family "$(mpi_library 2>/dev/null || true)")
+        # Open MPI 5 speaks only PMIx. MPICH speaks PMI-2, which every Slurm offers, while a listed pmix can still
+        # fail to load (Debian 12 lists it but lacks the unversioned libpmix.so it dlopens).
+        if [[ $lib == openmpi ]] && grep -qx pmix <<<"$offered"; then
+            plugin=pmix
+        elif grep -qx pmi2 <<<"$offered"; then
+            plugin=pmi2
+        elif grep -qx pmix <<<"$offered"; then
+            plugin=pmix
+        else
+            plugin=pmi2
+        fi
+    fi
+    exec srun --mpi="$plugin" ${n:+-n "$n"} "${extra[@]}" "${cmd[@]}"
+fi
+
+# --- inside an srun step: each task is already a rank ---------------------------------------------------------------
+if [[ -n ${SLURM_STEP_ID:-} ]]; then
+    if [[ -n $n && $n -gt 1 ]]; then
+        die "already inside srun step ${SLURM_JOB_ID:-?}.${SLURM_STEP_ID}: srun started the ranks; call launch.sh -n $n from the batch script or salloc shell, not under srun"
+    fi
+    exec "${cmd[@]}"
+fi
+
+# --- one process ----------------------------------------------------------------------------------------------------
+if [[ ${n:-1} -eq 1 && ${#extra[@]} -eq 0 ]]; then
+    exec "${cmd[@]}"
+fi
+
+# --- mpirun ---------------------------------------------------------------------------------------------------------
+mpirun=${RINGLET_MPIRUN:-mpirun}
+mpirun_path=$(command -v -- "$mpirun") ||
+    die "'$mpirun' not found on PATH, needed for -n ${n:-1}: pip install mpich, or load your cluster's MPI module"
+impl=$(family "$("$mpirun_path" --version 2>&1 || true)")
+
+lib_line=$(mpi_library 2>&1) ||
+    die "$py cannot load mpi4py's MPI library ($(tail -n 1 <<<"$lib_line")): pip install mpi4py mpich, or load your cluster's MPI module"
+lib=$(family "$lib_line")
+if [[ $impl != other && $lib != other && $lib != "$impl" ]]; then
+    # mpi4py would load another MPI than this mpirun's, and every rank would come up alone (or abort). Point
+    # mpi4py at the libmpi beside this mpirun (or by soname), unless the user already chose one.
+    [[ -z ${MPI4PY_LIBMPI:-} ]] ||
+        die "mpirun is $impl ($mpirun_path) but MPI4PY_LIBMPI=$MPI4PY_LIBMPI loads '$lib_line'"
+    prefix=$(dirname "$(dirname "$(readlink -f "$mpirun_path")")")
+    soname=libmpi.so.12
+    [[ $impl == openmpi ]] && soname=libmpi.so.40
+    export MPI4PY_LIBMPI="$prefix/lib:$prefix/lib64:$soname"
+    fixed=$(mpi_library 2>/dev/null || true)
+    [[ $(family "$fixed") == "$impl" ]] ||
+        die "mpirun is $impl ($mpirun_path) but mpi4py loads '$lib_line': put that MPI's mpirun first on PATH (or set RINGLET_MPIRUN), or set MPI4PY_LIBMPI to the libmpi of $mpirun_path"
+    echo "launch.sh: mpirun is $impl but mpi4py would load '$lib_line'; using MPI4PY_LIBMPI=$MPI4PY_LIBMPI" >&2
+fi
+
+args=(-n "${n:-1}")
+case $impl in
+    openmpi)
+        # Open MPI (4.x and 5.x alike) refuses to run as root without --allow-run-as-root (the two variables do the
+        # same and reach nested launches), refuses more ranks than cores unless oversubscribed, and binds each rank
+        # to a core by default.
+        if ((EUID == 0)); then
+            args+=(--allow-run-as-root)
+            export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+        fi
+        # Open MPI 4 insists on an ssh or rsh binary even for ranks on this host; without either (containers), name
+        # one that is never run, unless the site chose a launcher (e.g. OMPI_MCA_plm=isolated).
+        if ! command -v ssh >/dev/null && ! command -v rsh >/dev/null &&
+            [[ -z ${OMPI_MCA_plm:-}${OMPI_MCA_plm_rsh_agent:-}${OMPI_MCA_orte_rsh_agent:-}${PRTE_MCA_plm_ssh_agent:-} ]]; then
+            export OMPI_MCA_plm_rsh_agent=false
+        fi
+        args+=(--oversubscribe --bind-to none -x PYTHON)
+        [[ -n ${MPI4PY_LIBMPI:-} ]] && args+=(-x MPI4PY_LIBMPI)
+        ;;
+    mpich)
+        # Hydra runs as root as it is, oversubscribes without asking, forwards the whole environment, and starts
+        # local ranks by fork (no ssh needed); only binding is turned off, so ranks keep every core for torch.
+        args+=(-bind-to none)
+        ;;
+esac
+exec "$mpirun_path" "${args[@]}" "${extra[@]}" "${cmd[@]}"

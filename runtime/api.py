@@ -1,0 +1,84 @@
+"""The Python API: `LLM(model).generate(prompts, params)` and `LLM(model).stream(prompt, params)`."""
+from __future__ import annotations
+
+from typing import Iterator, Sequence as Seq
+
+from .engine import Engine, EngineConfig
+from .errors import ConfigError, RequestError
+from .outputs import CompletionOutput, StreamChunk
+from .sampling_params import SamplingParams
+
+
+class LLM:
+    """A model ready to generate.
+
+    `model` is "default" (the bundled SmolLM2-135M-Instruct), a GGUF file or an HF-style directory.
+    `attention` names the attention pattern ("dense"); engine sizing options are EngineConfig's fields
+    (device, dtype, max_model_len, kv_cache_tokens, max_num_seqs, max_num_batched_tokens, cuda_graphs, seed).
+    """
+
+    def __init__(self, model: str = "default", *, attention: str = "dense", **engine_options):
+        if attention != "dense":
+            raise ConfigError(f"attention pattern {attention!r} is not available; this build has: dense")
+        unknown = set(engine_options) - set(EngineConfig.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"unknown LLM option(s): {', '.join(sorted(unknown))}")
+        self.engine = Engine.from_path(model, EngineConfig(**engine_options))
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts: str | Seq[str] | Seq[list[int]],
+                 params: SamplingParams | Seq[SamplingParams] | None = None) -> list[CompletionOutput]:
+        """Complete every prompt (continuously batched) and return the outputs in prompt order.
+
+        Every prompt is checked before any runs: a bad one raises RequestError naming its index.
+        """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = self._params_list(params, len(prompts))
+        for i, prompt in enumerate(prompts):
+            try:
+                self.engine.encode(prompt)
+            except RequestError as e:
+                raise RequestError(f"prompt {i}: {e}") from None
+        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        try:
+            while any(self.engine.is_unfinished(i) for i in ids):
+                self.engine.step()
+        except BaseException:
+            for i in ids:
+                self.engine.abort(i)
+            raise
+        return [self.engine.pop_finished(i) for i in ids]
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[StreamChunk]:
+        """Yield StreamChunks (new text and token ids) as they are generated; the last has a finish_reason.
+
+        Other requests queued on the same engine keep running while this one streams.
+        """
+        request_id = self.engine.add_request(prompt, params)
+        try:
+            while True:
+                for chunk in self.engine.step():
+                    if chunk.request_id == request_id:
+                        yield chunk
+                        if chunk.finished:
+                            self.engine.pop_finished(request_id)
+                            return
+        finally:
+            self.engine.abort(request_id)
+            self.engine.pop_finished(request_id)
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> CompletionOutput:
+        """Apply the model's chat template to `messages` ([{"role": ..., "content": ...}]) and complete it."""
+        return self.generate([self.tokenizer.apply_chat_template(messages)], params)[0]
+
+    @staticmethod
+    def _params_list(params, n: int) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams() for _ in range(n)]
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        params = list(params)
+        if len(params) != n:
+            raise RequestError(f"got {len(params)} SamplingParams for {n} prompts")
+        return params

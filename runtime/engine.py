@@ -1,0 +1,243 @@
+"""The continuous-batching engine: requests in, streamed tokens out, one scheduler step at a time."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import Checkpoint, load_checkpoint
+from .errors import ConfigError, RequestError
+from .kv_cache import PAGE_SIZE, KVCache
+from .model import Llama
+from .model_runner import ModelRunner
+from .outputs import CompletionOutput, StreamChunk
+from .sampler import sample
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+
+@dataclass
+class EngineConfig:
+    """Engine sizing. None means: choose from the device (see `Engine.__init__`)."""
+
+    device: str | None = None
+    dtype: str | None = None
+    max_model_len: int | None = None
+    kv_cache_tokens: int | None = None
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int | None = None
+    cuda_graphs: bool = True
+    seed: int = 0
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The caller's device, else this process's current CUDA device when there is one, else the CPU."""
+    if name is not None:
+        try:
+            device = torch.device(name)
+        except RuntimeError as e:
+            raise ConfigError(f"device {name!r} is not a torch device: {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA GPU")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """bfloat16 on GPUs and float32 on the CPU unless the caller names one of _DTYPES."""
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ConfigError(f"dtype {name!r} is not one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+class Engine:
+    """Holds the model, the KV cache and the scheduler; `step()` advances every running request by one step."""
+
+    def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None):
+        cfg = config or EngineConfig()
+        self.config = cfg
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.model_config = checkpoint.config
+        self.tokenizer = checkpoint.tokenizer
+        self.model = Llama(checkpoint.config, checkpoint.weights, self.device, self.dtype)
+        if cfg.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be >= 1, got {cfg.max_num_seqs}")
+        self.kv = KVCache(checkpoint.config, self._num_pages(cfg), self.dtype, self.device)
+        self.max_model_len = min(cfg.max_model_len or checkpoint.config.max_seq_len, self.kv.capacity_tokens)
+        if cfg.max_model_len is not None and cfg.max_model_len > checkpoint.config.max_seq_len:
+            raise ConfigError(f"max_model_len {cfg.max_model_len} exceeds the model's trained context "
+                              f"{checkpoint.config.max_seq_len}")
+        batched = cfg.max_num_batched_tokens or (2048 if self.device.type == "cuda" else 512)
+        if batched < cfg.max_num_seqs:
+            raise ConfigError(f"max_num_batched_tokens ({batched}) must be >= max_num_seqs ({cfg.max_num_seqs})")
+        self.scheduler = Scheduler(self.kv.allocator, self.kv.page_size, cfg.max_num_seqs, batched)
+        self.runner = ModelRunner(self.model, self.kv, self.max_model_len, cfg.max_num_seqs,
+                                  cuda_graphs=cfg.cuda_graphs and self.device.type == "cuda")
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(cfg.seed)
+        self._sequences: dict[str, Sequence] = {}
+        self._finished: dict[str, CompletionOutput] = {}
+        self._arrivals = itertools.count()
+
+    @classmethod
+    def from_path(cls, path: str, config: EngineConfig | None = None) -> "Engine":
+        return cls(load_checkpoint(path), config)
+
+    def _num_pages(self, cfg: EngineConfig) -> int:
+        per_token = KVCache.bytes_per_token(self.model_config, self.dtype)
+        if cfg.kv_cache_tokens is not None:
+            tokens = cfg.kv_cache_tokens
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            budget = free - (1 - cfg.gpu_memory_utilization) * total
+            tokens = int(budget // per_token)
+        else:
+            tokens = max(16384, cfg.max_model_len or 0)
+        if tokens < PAGE_SIZE:
+            raise ConfigError(f"KV cache of {tokens} tokens is smaller than one page ({PAGE_SIZE} tokens)")
+        return tokens // PAGE_SIZE
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return KVCache.bytes_per_token(self.model_config, self.dtype)
+
+    # -- requests -------------------------------------------------------------------------------------------
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request; returns its id. Raises RequestError (queuing nothing) for a request that cannot run."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"params must be SamplingParams, got {type(params).__name__}")
+        params.validate()
+        prompt_ids = self.encode(prompt)
+        arrival = next(self._arrivals)
+        request_id = str(arrival) if request_id is None else str(request_id)
+        if request_id in self._sequences:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id, prompt if isinstance(prompt, str) else None, prompt_ids, params, arrival,
+                       self.tokenizer, self.max_model_len, self.device)
+        self._sequences[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt, checked against the vocabulary and the context length."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("prompt is empty")
+            if self.tokenizer is None:
+                raise RequestError("this model has no tokenizer: pass the prompt as token ids")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary "
+                                   f"[0, {self.model_config.vocab_size})")
+        else:
+            raise RequestError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise RequestError("prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(f"prompt is {len(ids)} tokens but the context holds {self.max_model_len} "
+                               "(including at least one generated token)")
+        return ids
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its pages; unknown or finished ids are ignored."""
+        seq = self._sequences.pop(request_id, None)
+        if seq is not None:
+            seq.abort()
+            self.scheduler.remove(seq)
+            self._finished[request_id] = seq.to_output()
+
+    def is_unfinished(self, request_id: str) -> bool:
+        return request_id in self._sequences
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def pop_finished(self, request_id: str) -> CompletionOutput | None:
+        """The completed output of a finished request (once), or None while it is still running."""
+        return self._finished.pop(request_id, None)
+
+    # -- stepping -------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[StreamChunk]:
+        """Run one scheduler step; returns the new output of every request that produced any."""
+        plan = self.scheduler.schedule()
+        samplers: list[Sequence] = []
+        logits = []
+        if plan.decode:
+            logits.append(self.runner.decode(plan.decode))
+            samplers += plan.decode
+        if plan.prefill:
+            prefill_logits = self.runner.prefill(plan.prefill)
+            done = [i for i, (seq, n) in enumerate(plan.prefill) if seq.num_computed + n == seq.num_tokens]
+            logits.append(prefill_logits[done])
+            samplers += [plan.prefill[i][0] for i in done]
+        for seq in plan.decode:
+            seq.num_computed += 1
+        for seq, n in plan.prefill:
+            seq.num_computed += n
+        if samplers:
+            rows = torch.cat(logits) if len(logits) > 1 else logits[0]
+            tokens, logprobs = sample(rows, [s.params for s in samplers], [s.generator for s in samplers],
+                                      self.generator)
+            for seq, tok, lp in zip(samplers, tokens, logprobs):
+                seq.append_token(tok, lp)
+        chunks = []
+        for seq in samplers:
+            chunk = seq.take_chunk()
+            if chunk is not None:
+                chunks.append(chunk)
+            if seq.finished:
+                self.scheduler.remove(seq)
+                del self._sequences[seq.request_id]
+                self._finished[seq.request_id] = seq.to_output()
+        return chunks
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """Log-probabilities [len-1] float32 (CPU) of token_ids[1:] each given the tokens before it.
+
+        Runs as a temporary sequence in chunks of the step budget; needs free pages for the whole text.
+        """
+        if len(token_ids) < 2:
+            raise RequestError("scoring needs at least 2 tokens")
+        if len(token_ids) > self.max_model_len:
+            raise RequestError(f"cannot score {len(token_ids)} tokens: the context holds {self.max_model_len}")
+        seq = Sequence("score", None, token_ids, SamplingParams(), -1, self.tokenizer, self.max_model_len,
+                       self.device)
+        pages = self.kv.allocator.allocate(self.kv.pages_needed(len(token_ids)))
+        if pages is None:
+            raise RequestError("not enough free KV cache pages to score this text now")
+        seq.pages = pages
+        out = []
+        try:
+            chunk = self.scheduler.max_num_batched_tokens
+            while seq.num_computed < len(token_ids):
+                n = min(chunk, len(token_ids) - seq.num_computed)
+                logits = self.runner.prefill([(seq, n)], all_logits=True)
+                targets = torch.tensor(token_ids[seq.num_computed + 1:seq.num_computed + n + 1], device=self.device)
+                lp = torch.log_softmax(logits[:len(targets)], dim=-1)
+                out.append(lp.gather(1, targets.unsqueeze(1)).squeeze(1).cpu())
+                seq.num_computed += n
+        finally:
+            self.kv.allocator.free(pages)
+        return torch.cat(out)
