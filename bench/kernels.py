@@ -46,6 +46,7 @@ class Sizes:
     head_dim: int
     gemv_m: list
     gemv: dict  # name -> (N, K)
+    gemv_split_k: tuple  # (N, K) small enough in N that linear splits K: checked, not timed
     dtypes: list  # all are checked; the first is timed
     compile_peer: bool
 
@@ -56,12 +57,12 @@ LLAMA_7B_LINEARS = {"wqkv": (12288, 4096), "wo": (4096, 4096), "w13": (22016, 40
 LLAMA_7B_LAYERS = 32
 GPU = Sizes(copy_mib=[256, 1024], norm=[(1, 4096), (4096, 4096)], rope=(4096, 32, 128), silu=(4096, 11008),
             decode=[(b, c) for b in (1, 16) for c in (1024, 4096, 32768)], prefill=[1024, 4096], heads=32,
-            head_dim=128, gemv_m=[1, 16], gemv=LLAMA_7B_LINEARS, dtypes=[torch.bfloat16, torch.float16],
-            compile_peer=True)
+            head_dim=128, gemv_m=[1, 16], gemv=LLAMA_7B_LINEARS, gemv_split_k=(256, 16384),
+            dtypes=[torch.bfloat16, torch.float16], compile_peer=True)
 # tl.dot on bf16 is wrong under the interpreter (triton-lang/triton#11584), so the smoke run checks fp16.
 SMOKE = Sizes(copy_mib=[1], norm=[(5, 96)], rope=(5, 4, 32), silu=(5, 100), decode=[(1, 32), (3, 48)],
               prefill=[32], heads=2, head_dim=32, gemv_m=[1, 16], gemv={"a": (48, 256), "b": (96, 128)},
-              dtypes=[torch.float16], compile_peer=False)
+              gemv_split_k=(33, 2100), dtypes=[torch.float16], compile_peer=False)
 PAGE_SIZE = 16
 EPS = 1e-5
 
@@ -89,7 +90,7 @@ class Bench:
         ok = math.isfinite(rel) and rel <= limit
         self.checks.append({"name": name, "dtype": str(ref.dtype), "max_abs_err": max_abs, "rel_err": rel,
                             "limit": limit, "ok": ok})
-        print(f"{'ok  ' if ok else 'FAIL'} {name:<48} {str(ref.dtype):<15} max abs {max_abs:.3e}  rel {rel:.3e}",
+        print(f"{'ok  ' if ok else 'FAIL'} {name:<48} {ref.dtype!s:<15} max abs {max_abs:.3e}  rel {rel:.3e}",
               flush=True)
 
     def time_us(self, fn, sets: list[tuple]) -> float:
@@ -326,12 +327,14 @@ def bench_prefill(bench: Bench, s: Sizes) -> None:
 
 def bench_gemv(bench: Bench, s: Sizes, copy_gbps: float) -> None:
     rows = {}
-    for name, (n, k) in s.gemv.items():
+    for name, (n, k) in {**s.gemv, "split-K": s.gemv_split_k}.items():
         for dtype in s.dtypes:
             w = bench.rand(n, k, dtype=dtype, scale=k ** -0.5)
             for m in s.gemv_m:
                 x = bench.rand(m, k, dtype=dtype)
                 bench.check(f"linear M={m} N={n} K={k}", rk.linear(x, w), rk.linear_ref(x, w))
+        if name == "split-K":
+            continue
         for m in s.gemv_m:
             nbytes = (n * k + m * k + m * n) * s.dtypes[0].itemsize
             sets = bench.input_sets(lambda: (bench.rand(m, k, dtype=s.dtypes[0]),

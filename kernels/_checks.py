@@ -1,4 +1,5 @@
-"""Argument checks shared by the launchers. Each raises ValueError naming the argument and the offending value."""
+"""Argument checks shared by the launchers: each raises ValueError (TypeError for a non-tensor) naming the argument
+and the offending value."""
 from __future__ import annotations
 
 import torch
@@ -14,7 +15,7 @@ def check_tensor(name: str, t: torch.Tensor, shape: tuple, dtypes: tuple, device
     layout "rows": the last dim is contiguous (other strides free); "contiguous": the whole tensor is; "any".
     """
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != len(shape) or any(want is not None and want != got for want, got in zip(shape, t.shape)):
         want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
         raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")

@@ -21,7 +21,7 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device, which launchers size their grids by."""
     return torch.cuda.get_device_properties(device).multi_processor_count

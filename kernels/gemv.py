@@ -12,7 +12,8 @@ from ._dispatch import sm_count, use_triton
 
 # Rows of x the Triton kernel takes; past this the product is compute-bound enough for cuBLAS.
 MAX_TRITON_M = 16
-# Split K when N alone gives fewer rows of W than this per SM: too few programs to keep the loads in flight.
+# Split K when N alone gives fewer rows of W than this per SM: too few programs to keep the loads in flight
+# (H100, bf16: N=256, K=16384 runs 2x faster split 8 ways; N >= 2048 gains little or loses up to 10%).
 _ROWS_PER_SM = 16
 # Never split K finer than this: each split writes and re-reads an fp32 copy of the output.
 _MIN_SPLIT_K = 1024
@@ -115,7 +116,7 @@ def _configs_for_path(configs: list[triton.Config], named_args: dict, **kwargs) 
     return _FMA_CONFIGS if kwargs["BLOCK_M"] == 1 else _DOT_CONFIGS
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _l2_sweep_buffer(device: torch.device) -> torch.Tensor:
     return torch.zeros(2 * torch.cuda.get_device_properties(device).L2_cache_size // 4, device=device)
 
@@ -144,7 +145,7 @@ def _tuning_bench(fn, quantiles=None):
     return [times[round(q * (len(times) - 1))] for q in quantiles]
 
 
-# Tuned per (row bucket, N, K): decode batches of 2..16 rows share the BLOCK_M == 16 kernel and its tuning.
+# Tuned per (row bucket, N, K, split): decode batches of 2..16 rows share the BLOCK_M == 16 kernel and its tuning.
 _gemv_kernel_tuned = triton.autotune(configs=_FMA_CONFIGS + _DOT_CONFIGS, key=["BLOCK_M", "N", "K", "SPLIT_K"],
                                      prune_configs_by={"early_config_prune": _configs_for_path},
                                      do_bench=_tuning_bench)(_gemv_kernel)
@@ -180,7 +181,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     partial = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
     meta = {"SPLIT_K": split_k, "BLOCK_M": 1 if m == 1 else 16,
             "DOT_PRECISION": "ieee" if x.dtype == torch.float32 else "tf32"}
-    grid = lambda cfg: (triton.cdiv(n, cfg["BLOCK_N"]), split_k)  # noqa: E731
+    def grid(cfg: dict) -> tuple[int, int]:
+        return triton.cdiv(n, cfg["BLOCK_N"]), split_k
+
     if x.is_cuda:
         _gemv_kernel_tuned[grid](x, weight, partial, m, n, k, x.stride(0), **meta)
     else:
