@@ -19,28 +19,40 @@ class DecodeGraphs:
         seq_lens [B] int32) -> logits [B, vocab] float32."""
         self.forward = forward
         self.buckets = [b for b in BUCKETS if b < max_num_seqs] + [max_num_seqs]
-        self.max_batch = max_num_seqs
-        n = self.max_batch
-        self.tokens = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int32, device=device)
-        self.slots = torch.full((n,), -1, dtype=torch.int64, device=device)
-        self.block_tables = torch.zeros(n, max_pages, dtype=torch.int32, device=device)
-        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
+        self.max_batch = n = max_num_seqs
+        self.max_pages = max_pages
+        # All inputs travel in two pinned host buffers and two copies per step: [tokens | slots] as int64 and
+        # [positions | seq_lens | block_tables] as int32. The device buffers are sliced into the graph's inputs.
+        pinned = device.type == "cuda"
+        self._host64 = torch.zeros(2 * n, dtype=torch.int64, pin_memory=pinned)
+        self._host32 = torch.zeros(2 * n + n * max_pages, dtype=torch.int32, pin_memory=pinned)
+        self._dev64 = torch.zeros(2 * n, dtype=torch.int64, device=device)
+        self._dev32 = torch.zeros(2 * n + n * max_pages, dtype=torch.int32, device=device)
+        self.tokens, self.slots = self._dev64[:n], self._dev64[n:]
+        self.positions, self.seq_lens = self._dev32[:n], self._dev32[n:2 * n]
+        self.block_tables = self._dev32[2 * n:].view(n, max_pages)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
 
-    def run(self, tokens: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]],
+    def run(self, tokens: list[int], positions: list[int], slots: list[int], pages: list[list[int]],
             seq_lens: list[int]) -> torch.Tensor:
-        n = len(tokens)
+        """Decode len(tokens) sequences (pages: each one's page ids); returns logits [len(tokens), vocab]."""
+        n, cap = len(tokens), self.max_batch
         b = next(x for x in self.buckets if x >= n)
-        pad = b - n
-        self.tokens[:b].copy_(torch.tensor(tokens + [0] * pad), non_blocking=True)
-        self.positions[:b].copy_(torch.tensor(positions + [0] * pad, dtype=torch.int32), non_blocking=True)
-        self.slots[:b].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
-        self.seq_lens[:b].copy_(torch.tensor(seq_lens + [0] * pad, dtype=torch.int32), non_blocking=True)
-        self.block_tables[:n].copy_(torch.tensor(block_tables, dtype=torch.int32), non_blocking=True)
-        self.block_tables[n:b].zero_()
+        h64, h32 = self._host64.numpy(), self._host32.numpy()
+        h64[:n], h64[n:b] = tokens, 0
+        h64[cap:cap + n], h64[cap + n:cap + b] = slots, -1
+        h32[:n], h32[n:b] = positions, 0
+        h32[cap:cap + n], h32[cap + n:cap + b] = seq_lens, 0
+        tables = h32[2 * cap:].reshape(cap, self.max_pages)
+        tables[:b] = 0
+        for row, p in zip(tables, pages):
+            row[:len(p)] = p
+        # The previous step's copies are done: its logits were read back, which synchronized the stream.
+        self._dev64.copy_(self._host64, non_blocking=True)
+        self._dev32[:2 * cap + b * self.max_pages].copy_(self._host32[:2 * cap + b * self.max_pages],
+                                                          non_blocking=True)
         if b not in self.graphs:
             self._capture(b)
         self.graphs[b].replay()

@@ -60,8 +60,7 @@ class ModelRunner:
         slots = [self._slots(s.pages, s.num_computed, 1)[0] for s in seqs]
         seq_lens = [s.num_computed + 1 for s in seqs]
         if self.graphs is not None and len(seqs) <= self.graphs.max_batch:
-            rows = [s.pages + [0] * (self.max_pages - len(s.pages)) for s in seqs]
-            return self.graphs.run(tokens, positions, slots, rows, seq_lens)
+            return self.graphs.run(tokens, positions, slots, [s.pages for s in seqs], seq_lens)
         return self._decode_forward(self._tensor(tokens, torch.int64), self._tensor(positions, torch.int32),
                                     self._tensor(slots, torch.int64), self._block_table(seqs, self.max_pages),
                                     self._tensor(seq_lens, torch.int32))
