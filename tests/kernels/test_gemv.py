@@ -4,12 +4,15 @@ import torch
 from ringlet.kernels import linear, linear_ref
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 3, 16, 17])
+# bf16 with 2 <= M <= 16 takes the tl.dot path, which the interpreter computes wrongly on bf16
+# (triton-lang/triton#11584): those cases are checked on the GPU by bench/kernels.py, not listed here.
+CASES = [(dtype, m) for dtype in (torch.float32, torch.float16, torch.bfloat16) for m in (1, 3, 16, 17)
+         if not (dtype == torch.bfloat16 and 1 < m <= 16)]
+
+
+@pytest.mark.parametrize("dtype,m", CASES)
 @pytest.mark.parametrize("n,k", [(33, 2100), (100, 256), (200, 300)])
 def test_linear(m, n, k, dtype, assert_close):
-    if dtype == torch.bfloat16 and 1 < m <= 16:
-        pytest.skip("tl.dot on bf16 is wrong under TRITON_INTERPRET (triton-lang/triton#11584); run on a GPU")
     x = torch.randn(m, k + 3).to(dtype)[:, :k]  # a row stride wider than the row
     weight = (torch.randn(n, k) / k ** 0.5).to(dtype)
     out = linear(x, weight)
