@@ -7,18 +7,35 @@ from ._dispatch import use_triton
 from .decode_attention import decode_attention, decode_attention_ref
 from .gemv import linear, linear_ref
 from .paged_kv import write_kv, write_kv_ref
+from .patterns import DENSE, BlockSparse, Dense, Local, Pattern, Strided
 from .prefill_attention import prefill_attention, prefill_attention_ref
 from .rms_norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 from .rope import apply_rope, apply_rope_ref, rope_cos_sin
 from .silu_mul import silu_mul, silu_mul_ref
 
 __all__ = [
+    "DENSE",
+    "BlockSparse",
+    "Dense",
+    "Local",
+    "Pattern",
+    "Strided",
+    "apply_rope",
+    "apply_rope_ref",
+    "decode_attention",
+    "decode_attention_ref",
+    "fused_add_rms_norm",
+    "fused_add_rms_norm_ref",
+    "linear",
+    "linear_ref",
+    "prefill_attention",
+    "prefill_attention_ref",
+    "rms_norm",
+    "rms_norm_ref",
+    "rope_cos_sin",
+    "silu_mul",
+    "silu_mul_ref",
     "use_triton",
-    "rms_norm", "rms_norm_ref", "fused_add_rms_norm", "fused_add_rms_norm_ref",
-    "apply_rope", "apply_rope_ref", "rope_cos_sin",
-    "silu_mul", "silu_mul_ref",
-    "write_kv", "write_kv_ref",
-    "prefill_attention", "prefill_attention_ref",
-    "decode_attention", "decode_attention_ref",
-    "linear", "linear_ref",
+    "write_kv",
+    "write_kv_ref",
 ]

@@ -27,3 +27,26 @@ def check_tensor(name: str, t: torch.Tensor, shape: tuple, dtypes: tuple, device
         raise ValueError(f"{name} must have a contiguous last dim, got strides {t.stride()}")
     if layout == "contiguous" and not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
+
+FP8_DTYPE = torch.float8_e4m3fn
+# Largest finite e4m3 value: a row's absolute maximum maps to it.
+FP8_MAX = 448.0
+
+
+def check_kv_caches(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+                    v_scale: torch.Tensor | None, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Check a pair of paged caches [num_pages, page_size, Hk, head_dim] (contiguous, `dtype` or FP8 e4m3) and
+    their scales; returns True for FP8 caches, whose k_scale, v_scale must be float32 [num_pages, page_size, Hk]
+    contiguous (None otherwise)."""
+    check_tensor("k_cache", k_cache, (None, None, None, head_dim), (dtype, FP8_DTYPE), device, layout="contiguous")
+    check_tensor("v_cache", v_cache, tuple(k_cache.shape), (k_cache.dtype,), device, layout="contiguous")
+    if k_cache.dtype != FP8_DTYPE:
+        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if scale is not None:
+                raise ValueError(f"{name} must be None for a {k_cache.dtype} cache (scales are for FP8 caches)")
+        return False
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scale is None:
+            raise ValueError(f"{name} is required for an FP8 ({FP8_DTYPE}) cache")
+        check_tensor(name, scale, tuple(k_cache.shape[:3]), (torch.float32,), device, layout="contiguous")
+    return True

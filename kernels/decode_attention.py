@@ -1,5 +1,5 @@
-"""Paged flash-decoding: one query token per sequence, the key sequence split across programs, partials merged by
-log-sum-exp."""
+"""Paged flash-decoding under an attention pattern: one query token per sequence, the keys it sees split across
+programs, partials merged by log-sum-exp. Caches are bf16/fp16/fp32, or FP8 e4m3 with per-(token, head) scales."""
 from __future__ import annotations
 
 import math
@@ -8,9 +8,22 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, check_tensor
+from ._checks import FLOAT_DTYPES, check_kv_caches, check_tensor
 from ._dispatch import sm_count, use_triton
-from ._paged import load_kv_tile
+from ._paged import attend_tile, cache_rows, gather_kv
+from .patterns import (
+    BLOCK_SPARSE_ID,
+    DENSE,
+    SPARSE_BLOCK,
+    STRIDED_ID,
+    BlockSparse,
+    Pattern,
+    kernel_params,
+    lookup_blocks,
+    summary_bound,
+    virtual_keys,
+    window_start,
+)
 
 # Aim for this many split programs per SM so that uneven splits still balance across the GPU.
 _PROGRAMS_PER_SM = 4
@@ -21,73 +34,90 @@ _SPLITS_OFF_GPU = 4
 
 
 @triton.jit
-def _split_key_range(split, split_len, seq_len):
-    """Key positions [start, end) of one split; empty past the sequence. The one place the key loop bounds are
-    decided."""
-    start = split * split_len
-    return start, tl.minimum(start + split_len, seq_len)
-
-
-@triton.jit
 def _decode_split_kernel(
     q_ptr,  # [B, Hq, Dh] queries, last dim contiguous
     k_cache_ptr,  # [num_pages, PAGE_SIZE, Hk, Dh] contiguous
     v_cache_ptr,  # [num_pages, PAGE_SIZE, Hk, Dh] contiguous
+    k_scale_ptr,  # [num_pages, PAGE_SIZE, Hk] float32 (FP8 caches; else unused)
+    v_scale_ptr,  # [num_pages, PAGE_SIZE, Hk] float32 (FP8 caches; else unused)
     block_tables_ptr,  # [B, max_pages] int32 page ids
     seq_lens_ptr,  # [B] keys of each sequence
-    o_part_ptr,  # [B, Hq, S, Dh] float32 partial outputs, normalized per split
+    ids_ptr,  # [Hq, lookup_rows, lookup_width] block-sparse lookup (else unused)
+    counts_ptr,  # [Hq, lookup_rows] listed blocks per (head, query block)
+    o_part_ptr,  # [B, Hq, S, Dh] float32 partial outputs, normalized per split (S == 1: the output, q's dtype)
     lse_part_ptr,  # [B, Hq, S] float32 partial log2-sum-exp2, -inf for an empty split
     qk_scale,  # softmax scale * log2(e)
-    split_len,  # keys per split, a multiple of BLOCK_N
+    split_len,  # visited keys per split, a multiple of BLOCK_N
+    P0, P1,  # pattern parameters (patterns.kernel_params)
+    num_kv_heads,  # Hk
+    lookup_rows, lookup_width,  # lookup shape
     stride_qb, stride_qh,  # q strides (sequence, head)
     stride_bt,  # block table row stride
-    stride_page, stride_slot, stride_kvh,  # cache strides (page, token row, kv head)
-    GROUP: tl.constexpr,  # query heads per kv head, all handled by this program
-    BLOCK_G: tl.constexpr,  # power of two >= max(GROUP, 16) (tl.dot needs 16 rows)
+    PATTERN: tl.constexpr,  # pattern id (patterns.DENSE_ID, ...)
+    GROUP: tl.constexpr,  # query heads per kv head
+    HEADS: tl.constexpr,  # query heads per program: GROUP (they share the keys), or 1 (block-sparse: per-head keys)
+    BLOCK_G: tl.constexpr,  # power of two >= max(HEADS, 16) (tl.dot needs 16 rows); 1 without tl.dot
     HEAD_DIM: tl.constexpr,  # Dh, a power of two
     PAGE_SIZE: tl.constexpr,  # tokens per page
     BLOCK_N: tl.constexpr,  # keys per inner step
+    HAS_SCALE: tl.constexpr,  # FP8 cache with scales
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs, else ignored
+    USE_DOT: tl.constexpr,  # tensor-core products (else multiply-and-sum; HEADS == BLOCK_G == 1 only)
+    DIRECT: tl.constexpr,  # one split: write the normalized output straight to o_part_ptr, no merge
 ):
     seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    first_head = tl.program_id(1) * HEADS
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
+    kv_head = first_head // GROUP
     group = tl.arange(0, BLOCK_G)
-    group_valid = group < GROUP
-    heads = kv_head * GROUP + group
+    group_valid = group < HEADS
+    heads = first_head + group
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :],
                 mask=group_valid[:, None], other=0.0)
 
-    start, end = _split_key_range(split, split_len, tl.load(seq_lens_ptr + seq))
+    # The keys the query at seq_len - 1 sees, as a list of `visited` virtual indices (patterns.virtual_keys):
+    # dense [0, seq_len); local the window [lo, seq_len); strided the summary columns left of the window, then
+    # the window; block-sparse the listed blocks of the query's block.
+    seq_len = tl.load(seq_lens_ptr + seq)
+    lo = window_start(seq_len - 1, P0, PATTERN)
+    n_summary = 0
+    ids_row = ids_ptr
+    if PATTERN == STRIDED_ID:
+        n_summary = lo // P1
+    if PATTERN == BLOCK_SPARSE_ID:
+        lookup_row = first_head * lookup_rows + tl.maximum(seq_len - 1, 0) // SPARSE_BLOCK
+        visited = tl.load(counts_ptr + lookup_row, mask=seq_len > 0, other=0) * SPARSE_BLOCK
+        ids_row = ids_ptr + lookup_row.to(tl.int64) * lookup_width
+    else:
+        visited = n_summary + seq_len - lo
+    start = split * split_len
+    end = tl.minimum(start + split_len, visited)
+
     table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    head_offset = kv_head * stride_kvh
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    # The first tile of a non-empty split holds key `start`, so m_i is finite from the first step on.
-    for block_start in range(start, end, BLOCK_N):
-        keys = block_start + tl.arange(0, BLOCK_N)
-        k = load_kv_tile(k_cache_ptr, table_ptr, keys, end, head_offset, stride_page, stride_slot, dims,
-                         PAGE_SIZE, True)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        qk = tl.where(keys[None, :] < end, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        v = load_kv_tile(v_cache_ptr, table_ptr, keys, end, head_offset, stride_page, stride_slot, dims,
-                         PAGE_SIZE, True)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+    for v0 in range(start, end, BLOCK_N):
+        v = v0 + tl.arange(0, BLOCK_N)
+        valid = v < end
+        keys = virtual_keys(v, valid, lo, n_summary, P1, ids_row, PATTERN)
+        if PATTERN == BLOCK_SPARSE_ID:
+            valid = valid & (keys < seq_len)  # the diagonal block runs past the query
+        rows = cache_rows(table_ptr, keys, valid, PAGE_SIZE, True)
+        acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, rows, valid, valid[None, :], k_cache_ptr, v_cache_ptr,
+                                    k_scale_ptr, v_scale_ptr, kv_head, num_kv_heads, qk_scale, dims,
+                                    HEAD_DIM, True, False, HAS_SCALE, DOT_PRECISION, USE_DOT)
 
     nonempty = l_i > 0
     lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-    part = (seq * (tl.num_programs(1) * GROUP) + heads) * num_splits + split
-    tl.store(lse_part_ptr + part, lse, mask=group_valid)
-    tl.store(o_part_ptr + part[:, None].to(tl.int64) * HEAD_DIM + dims[None, :], out, mask=group_valid[:, None])
+    part = (seq * (num_kv_heads * GROUP) + heads) * num_splits + split
+    if not DIRECT:
+        tl.store(lse_part_ptr + part, lse, mask=group_valid)
+    tl.store(o_part_ptr + part[:, None].to(tl.int64) * HEAD_DIM + dims[None, :],
+             out.to(o_part_ptr.dtype.element_ty), mask=group_valid[:, None])
 
 
 @triton.jit
@@ -114,42 +144,55 @@ def _decode_merge_kernel(
     tl.store(out_ptr + row * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
 
 
-def _num_splits(batch: int, kv_heads: int, max_keys: int, block_n: int, device: torch.device) -> int:
-    """Splits of each sequence's keys, from shapes alone (reading seq_lens would sync the host and break CUDA
+def _num_splits(batch: int, programs_per_seq: int, max_visited: int, block_n: int, device: torch.device) -> int:
+    """Splits of each query's visited keys, from shapes alone (reading seq_lens would sync the host and break CUDA
     graph capture): enough programs to fill the GPU, each split at least _MIN_SPLIT_KEYS keys."""
     if device.type != "cuda":
-        return max(1, min(_SPLITS_OFF_GPU, triton.cdiv(max_keys, block_n)))
-    wanted = triton.cdiv(_PROGRAMS_PER_SM * sm_count(device), batch * kv_heads)
-    return max(1, min(wanted, triton.cdiv(max_keys, _MIN_SPLIT_KEYS)))
+        return max(1, min(_SPLITS_OFF_GPU, triton.cdiv(max_visited, block_n)))
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * sm_count(device), batch * programs_per_seq)
+    return max(1, min(wanted, triton.cdiv(max_visited, _MIN_SPLIT_KEYS)))
 
 
-def _config(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) for this head size and dtype."""
+def _config(head_dim: int, dtype: torch.dtype, device: torch.device, fp8: bool,
+            heads: int) -> tuple[int, int, int, bool]:
+    """(BLOCK_N, num_warps, num_stages, USE_DOT) for this head size, query dtype, cache kind and query heads per
+    program. One head per program is a GEMV: without tl.dot the compiler loads the tile in wide rows (tl.dot's
+    operand layout loads FP8 a few bytes per thread)."""
     if device.type != "cuda":
-        return 16, 4, 1
+        return 16, 4, 1, heads > 1
     if dtype == torch.float32 or head_dim > 128:
-        return 32, 4, 2
-    return 64, 4, 3
+        return 32, 4, 2, True
+    if fp8 and heads == 1:
+        # H200, 32K context, 32 heads: 159 us at B=1 (tl.dot with BLOCK_N 64: 189 us; multiply-and-sum with
+        # BLOCK_N 64: 346 us, 32: 743 us; 8 warps: 221 us). num_stages does not change this path.
+        return 128, 4, 2, False
+    return 64, 4, 3, True  # bf16 at 32K, B=1: 129 us (4.2 TB/s); multiply-and-sum: 176-367 us
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention of one query per sequence over all of its paged keys and values (flash-decoding).
+                     seq_lens: torch.Tensor, scale: float, pattern: Pattern = DENSE,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one query per sequence over its paged keys and values under `pattern` (flash-decoding).
 
     q [B, Hq, Dh] fp16/bf16/fp32 (last dim contiguous; Dh a power of two in 16..256); k_cache, v_cache
-    [num_pages, page_size, Hk, Dh] contiguous, q's dtype; Hq a multiple of Hk; block_tables [B, max_pages] int32
-    (entries past a sequence's pages are never read); seq_lens [B] int32: sequence b's query sits at position
-    seq_lens[b] - 1 and sees all seq_lens[b] keys; 0 marks a padding row, whose output is zeros.
-    Returns out [B, Hq, Dh] contiguous, q's dtype. The split count comes from block_tables.shape[1] and the SM
-    count, never from seq_lens, so the launch is CUDA-graph capturable; pass a table no wider than the longest
-    sequence needs, or splits past the real lengths idle.
+    [num_pages, page_size, Hk, Dh] contiguous, q's dtype or float8_e4m3fn; for FP8 caches k_scale, v_scale
+    [num_pages, page_size, Hk] float32 contiguous (row = e4m3 * scale), else None; Hq a multiple of Hk (query
+    head h reads kv head h // (Hq // Hk) and is head h of a block-sparse pattern); block_tables [B, max_pages]
+    int32 (entries past a sequence's pages are never read); seq_lens [B] int32: sequence b's query sits at
+    position seq_lens[b] - 1 and sees the keys its pattern keeps (patterns.py); 0 marks a padding row, whose
+    output is zeros. Returns out [B, Hq, Dh] contiguous, q's dtype.
+
+    Only the keys the pattern keeps are split across programs (local: the window; strided: the window plus the
+    summary columns). The split count comes from block_tables.shape[1], the pattern and the SM count, never from
+    seq_lens, so the launch is CUDA-graph capturable (a block-sparse lookup is built on the first call for a
+    table width: make that call before capturing); pass a table no wider than the longest sequence needs, or
+    splits past the real lengths idle.
     """
     if not use_triton(q):
-        return decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)
+        return decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, pattern, k_scale, v_scale)
     check_tensor("q", q, (None, None, None), FLOAT_DTYPES)
     b, hq, dh = q.shape
-    check_tensor("k_cache", k_cache, (None, None, None, dh), (q.dtype,), q.device, layout="contiguous")
-    check_tensor("v_cache", v_cache, tuple(k_cache.shape), (q.dtype,), q.device, layout="contiguous")
+    has_scale = check_kv_caches(k_cache, v_cache, k_scale, v_scale, dh, q.dtype, q.device)
     check_tensor("block_tables", block_tables, (b, None), (torch.int32,), q.device)
     check_tensor("seq_lens", seq_lens, (b,), (torch.int32,), q.device, layout="contiguous")
     page_size, hk = k_cache.shape[1], k_cache.shape[2]
@@ -157,42 +200,64 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"head_dim must be a power of two in 16..256, got q of shape {tuple(q.shape)}")
     if hq % hk:
         raise ValueError(f"q heads ({hq}) must be a multiple of cache kv heads ({hk})")
+    pattern_id, p0, p1 = kernel_params(pattern)
     out = torch.empty((b, hq, dh), dtype=q.dtype, device=q.device)
     max_keys = block_tables.shape[1] * page_size
     if b == 0 or max_keys == 0:
         return out.zero_()
-    block_n, num_warps, num_stages = _config(dh, q.dtype, q.device)
-    splits = _num_splits(b, hk, max_keys, block_n, q.device)
-    split_len = triton.cdiv(triton.cdiv(max_keys, splits), block_n) * block_n
-    splits = triton.cdiv(max_keys, split_len)
-    o_part = torch.empty((b, hq, splits, dh), dtype=torch.float32, device=q.device)
-    lse_part = torch.empty((b, hq, splits), dtype=torch.float32, device=q.device)
     group = hq // hk
-    _decode_split_kernel[(b, hk, splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, o_part, lse_part,
-        scale * math.log2(math.e), split_len,
-        q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=dh, PAGE_SIZE=page_size,
-        BLOCK_N=block_n, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    if isinstance(pattern, BlockSparse):
+        if page_size != SPARSE_BLOCK.value:
+            raise ValueError(f"block-sparse attention needs pages of {SPARSE_BLOCK.value} tokens, got {page_size}")
+        ids, counts = pattern.lookup(hq, lookup_blocks(block_tables.shape[1]), q.device)
+        max_visited, heads = ids.shape[-1] * SPARSE_BLOCK.value, 1  # each query head has its own blocks
+    else:
+        ids = counts = block_tables  # unused
+        max_visited, heads = summary_bound(pattern, max_keys), group
+    block_n, num_warps, num_stages, use_dot = _config(dh, q.dtype, q.device, has_scale, heads)
+    splits = _num_splits(b, hq // heads, max_visited, block_n, q.device)
+    split_len = triton.cdiv(triton.cdiv(max_visited, splits), block_n) * block_n
+    splits = triton.cdiv(max_visited, split_len)
+    if splits == 1:  # the split kernel writes the output itself
+        o_part, lse_part = out, out
+    else:
+        o_part = torch.empty((b, hq, splits, dh), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((b, hq, splits), dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(b, hq // heads, splits)](
+        q, k_cache, v_cache, k_scale if has_scale else k_cache, v_scale if has_scale else v_cache,
+        block_tables, seq_lens, ids, counts, o_part, lse_part,
+        scale * math.log2(math.e), split_len, p0, p1, hk,
+        counts.shape[-1] if isinstance(pattern, BlockSparse) else 0, ids.shape[-1] if isinstance(pattern, BlockSparse) else 0,
+        q.stride(0), q.stride(1), block_tables.stride(0),
+        PATTERN=pattern_id, GROUP=group, HEADS=heads,
+        BLOCK_G=max(16, triton.next_power_of_2(heads)) if use_dot else 1, HEAD_DIM=dh,
+        PAGE_SIZE=page_size, BLOCK_N=block_n, HAS_SCALE=has_scale,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_DOT=use_dot, DIRECT=splits == 1,
         num_warps=num_warps, num_stages=num_stages,
     )
+    if splits == 1:
+        return out
     _decode_merge_kernel[(b * hq,)](o_part, lse_part, out, splits, HEAD_DIM=dh,
                                     BLOCK_S=triton.next_power_of_2(splits), num_warps=4)
     return out
 
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                         seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """Torch reference for `decode_attention` (one sequence at a time, float32)."""
-    _, hq, dh = q.shape
-    page_size, hk = k_cache.shape[1], k_cache.shape[2]
+                         seq_lens: torch.Tensor, scale: float, pattern: Pattern = DENSE,
+                         k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Torch reference for `decode_attention` (one sequence at a time, float32, FP8 pages dequantized, the
+    pattern applied as an explicit mask)."""
+    hq = q.shape[1]
+    hk = k_cache.shape[2]
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     for b, seq_len in enumerate(seq_lens.tolist()):
         if seq_len == 0:
             continue
-        pages = block_tables[b, :triton.cdiv(seq_len, page_size)].long()
-        k = k_cache[pages].reshape(-1, hk, dh)[:seq_len].float().repeat_interleave(hq // hk, dim=1)
-        v = v_cache[pages].reshape(-1, hk, dh)[:seq_len].float().repeat_interleave(hq // hk, dim=1)
-        probs = (torch.einsum("hd,khd->hk", q[b].float(), k) * scale).softmax(-1)
-        out[b] = torch.einsum("hk,khd->hd", probs, v).to(q.dtype)
+        k = gather_kv(k_cache, k_scale, block_tables[b], seq_len).repeat_interleave(hq // hk, dim=1)
+        v = gather_kv(v_cache, v_scale, block_tables[b], seq_len).repeat_interleave(hq // hk, dim=1)
+        q_pos = torch.tensor([seq_len - 1], device=q.device)
+        k_pos = torch.arange(seq_len, device=q.device)
+        visible = torch.cat([pattern.mask(q_pos, k_pos, h) for h in range(hq)])  # [Hq, L]
+        scores = (torch.einsum("hd,khd->hk", q[b].float(), k) * scale).masked_fill(~visible, float("-inf"))
+        out[b] = torch.einsum("hk,khd->hd", scores.softmax(-1), v).to(q.dtype)
     return out

@@ -1,4 +1,10 @@
-"""Causal flash attention for packed variable-length prefill chunks, reading keys and values from the paged cache."""
+"""Flash attention for packed variable-length prefill chunks under an attention pattern, reading keys and values
+from the paged cache (bf16/fp16/fp32, or FP8 e4m3 with per-(token, head) scales).
+
+A query tile visits only the keys its pattern can show it: dense, everything up to its last query; local, the band
+of keys overlapping its queries' windows; strided, that band plus the summary columns left of it, gathered stride
+apart in tiles of BLOCK_N; block-sparse, the blocks its lookup row lists.
+"""
 from __future__ import annotations
 
 import math
@@ -7,51 +13,52 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, check_tensor
+from ._checks import FLOAT_DTYPES, check_kv_caches, check_tensor
 from ._dispatch import use_triton
-from ._paged import load_kv_tile
+from ._paged import attend_tile, cache_rows, gather_kv
+from .patterns import (
+    BLOCK_SPARSE_ID,
+    DENSE,
+    DENSE_ID,
+    SPARSE_BLOCK,
+    STRIDED_ID,
+    BlockSparse,
+    Pattern,
+    kernel_params,
+    lookup_blocks,
+    virtual_keys,
+    visible,
+    window_start,
+)
 
 
 @triton.jit
-def _causal_key_range(m_block, q_len, context, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key positions a query block reads: [0, full_end) is visible to all of its rows, [full_end, end) needs the
-    causal mask, nothing past `end`. The one place the key-block loop bounds are decided."""
-    first = m_block * BLOCK_M
-    end = tl.where(first < q_len, context + tl.minimum(first + BLOCK_M, q_len), 0)
-    full_end = tl.minimum((context + first) // BLOCK_N * BLOCK_N, end)
-    return full_end, end
-
-
-@triton.jit
-def _attend_keys(
-    acc, l_i, m_i,  # running output [BLOCK_M, Dh], softmax denominator and max [BLOCK_M] (log2 domain)
-    q,  # [BLOCK_M, Dh] queries
-    q_pos,  # [BLOCK_M] query positions
-    k_cache_ptr, v_cache_ptr, table_ptr,  # caches and this sequence's block-table row
-    start, end,  # key positions [start, end), start a multiple of BLOCK_N
-    head_offset,  # kv head * stride of the head dim
-    qk_scale,  # softmax scale * log2(e)
-    stride_page, stride_slot,  # cache strides (page, token row)
-    dims,  # [Dh] arange
-    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs, else ignored
-    CAUSAL: tl.constexpr,  # apply the causal mask (and bounds checks) to these tiles
+def _attend_range(
+    acc, l_i, m_i, q, q_pos,  # running state, queries [BLOCK_M, Dh] and their positions
+    v_start, v_end,  # virtual key indices [v_start, v_end) (see patterns.virtual_keys)
+    lo, n_summary, ids_ptr,  # virtual_keys arguments
+    key_end,  # keys >= key_end are not read
+    head, kv_head, num_kv_heads, P0, P1,
+    k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr, qk_scale, dims,
+    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    PATTERN: tl.constexpr,  # the pattern, for the visibility mask
+    KEY_MAP: tl.constexpr,  # the pattern id whose virtual_keys mapping this range uses
+    MASKED: tl.constexpr,  # check bounds (v < v_end, key < key_end)
+    APPLY_SEEN: tl.constexpr,  # apply the pattern's visibility mask (else every key is visible to every query)
+    HAS_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    for block_start in range(start, end, BLOCK_N):
-        keys = block_start + tl.arange(0, BLOCK_N)
-        k = load_kv_tile(k_cache_ptr, table_ptr, keys, end, head_offset, stride_page, stride_slot, dims,
-                         PAGE_SIZE, CAUSAL)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if CAUSAL:
-            qk = tl.where(keys[None, :] <= q_pos[:, None], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        v = load_kv_tile(v_cache_ptr, table_ptr, keys, end, head_offset, stride_page, stride_slot, dims,
-                         PAGE_SIZE, CAUSAL)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+    for v0 in range(v_start, v_end, BLOCK_N):
+        v = v0 + tl.arange(0, BLOCK_N)
+        valid = v < v_end
+        keys = virtual_keys(v, valid, lo, n_summary, P1, ids_ptr, KEY_MAP)
+        valid = valid & (keys < key_end)
+        rows = cache_rows(table_ptr, keys, valid, PAGE_SIZE, MASKED)
+        seen = valid[None, :]
+        if APPLY_SEEN:
+            seen = seen & visible(q_pos, keys, head, P0, P1, PATTERN)
+        acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, rows, valid, seen, k_cache_ptr, v_cache_ptr,
+                                    k_scale_ptr, v_scale_ptr, kv_head, num_kv_heads, qk_scale, dims,
+                                    HEAD_DIM, MASKED, APPLY_SEEN, HAS_SCALE, DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -60,20 +67,28 @@ def _prefill_attention_kernel(
     q_ptr,  # [Tq, Hq, Dh] queries, last dim contiguous
     k_cache_ptr,  # [num_pages, PAGE_SIZE, Hk, Dh] contiguous
     v_cache_ptr,  # [num_pages, PAGE_SIZE, Hk, Dh] contiguous
+    k_scale_ptr,  # [num_pages, PAGE_SIZE, Hk] float32 (FP8 caches; else unused)
+    v_scale_ptr,  # [num_pages, PAGE_SIZE, Hk] float32 (FP8 caches; else unused)
     block_tables_ptr,  # [B, max_pages] int32 page ids
     q_start_ptr,  # [B] first query row of each sequence
     q_lens_ptr,  # [B] query rows of each sequence
     seq_lens_ptr,  # [B] keys of each sequence, this chunk included
+    ids_ptr,  # [Hq, n_rows, width] block-sparse lookup (span BLOCK_M // 16 + 1; else unused)
+    counts_ptr,  # [Hq, n_rows] listed blocks per lookup row
     out_ptr,  # [Tq, Hq, Dh] contiguous
     qk_scale,  # softmax scale * log2(e)
+    P0, P1,  # pattern parameters (patterns.kernel_params)
+    num_kv_heads,  # Hk
+    lookup_rows, lookup_width,  # lookup shape (n_rows, width)
     stride_qt, stride_qh,  # q strides (token, head)
     stride_bt,  # block table row stride
-    stride_page, stride_slot, stride_kvh,  # cache strides (page, token row, kv head)
+    PATTERN: tl.constexpr,  # pattern id (patterns.DENSE_ID, ...)
     GROUP: tl.constexpr,  # query heads per kv head
     HEAD_DIM: tl.constexpr,  # Dh, a power of two
     PAGE_SIZE: tl.constexpr,  # tokens per page
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per inner step
+    HAS_SCALE: tl.constexpr,  # FP8 cache with scales
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs, else ignored
 ):
     # Query blocks run last-first: the late blocks of a causal sequence have the most keys, so they start early.
@@ -92,32 +107,70 @@ def _prefill_attention_kernel(
                 mask=row_valid[:, None], other=0.0)
     q_pos = context + rows
 
+    # The tile's queries sit at positions [q_first, end); an empty tile (past q_len) gets end 0 and visits nothing.
+    tile_valid = m_block * BLOCK_M < q_len
+    q_first = context + m_block * BLOCK_M
+    end = tl.where(tile_valid, context + tl.minimum((m_block + 1) * BLOCK_M, q_len), 0)
     table_ptr = block_tables_ptr + seq * stride_bt
-    head_offset = (head // GROUP) * stride_kvh
+    kv_head = head // GROUP
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    full_end, end = _causal_key_range(m_block, q_len, context, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr, 0, full_end,
-                                 head_offset, qk_scale, stride_page, stride_slot, dims,
-                                 PAGE_SIZE, BLOCK_N, DOT_PRECISION, CAUSAL=False)
-    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr, full_end, end,
-                                 head_offset, qk_scale, stride_page, stride_slot, dims,
-                                 PAGE_SIZE, BLOCK_N, DOT_PRECISION, CAUSAL=True)
 
-    # Every valid row saw key 0, so l_i > 0 there; rows past q_len are not stored.
+    if PATTERN == BLOCK_SPARSE_ID:
+        # Every listed block, masked: the row lists the union over the tile's query blocks.
+        lookup_row = head * lookup_rows + q_first // SPARSE_BLOCK
+        count = tl.load(counts_ptr + lookup_row, mask=tile_valid, other=0)
+        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, q_pos, 0, count * SPARSE_BLOCK, 0, 0,
+                                      ids_ptr + lookup_row.to(tl.int64) * lookup_width, end,
+                                      head, kv_head, num_kv_heads, P0, P1,
+                                      k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr, qk_scale, dims,
+                                      HEAD_DIM, PAGE_SIZE, BLOCK_N, PATTERN, BLOCK_SPARSE_ID, True, True,
+                                      HAS_SCALE, DOT_PRECISION)
+    else:
+        if PATTERN == DENSE_ID:
+            # Keys before the tile's first query, whole BLOCK_N tiles: visible to every query, no mask.
+            band_start = tl.minimum(q_first // BLOCK_N * BLOCK_N, end)
+            acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, q_pos, 0, band_start, 0, 0, ids_ptr, end,
+                                          head, kv_head, num_kv_heads, P0, P1,
+                                          k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr, qk_scale,
+                                          dims, HEAD_DIM, PAGE_SIZE, BLOCK_N, PATTERN, DENSE_ID, False, False,
+                                          HAS_SCALE, DOT_PRECISION)
+        else:
+            # Local and strided: the band from the first query's window start.
+            band_start = tl.minimum(window_start(q_first, P0, PATTERN), end)
+            if PATTERN == STRIDED_ID:
+                # Summary columns left of the band: (i + 1) * stride - 1 < band_start, visible to every query.
+                n_summary = tl.where(tile_valid, band_start // P1, 0)
+                acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, q_pos, 0, n_summary, 0, n_summary, ids_ptr, end,
+                                              head, kv_head, num_kv_heads, P0, P1,
+                                              k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr,
+                                              qk_scale, dims, HEAD_DIM, PAGE_SIZE, BLOCK_N, PATTERN, STRIDED_ID,
+                                              True, False, HAS_SCALE, DOT_PRECISION)
+        # The band up to the tile's last query: causal and window masks.
+        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, q_pos, band_start, end, 0, 0, ids_ptr, end,
+                                      head, kv_head, num_kv_heads, P0, P1,
+                                      k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr, qk_scale, dims,
+                                      HEAD_DIM, PAGE_SIZE, BLOCK_N, PATTERN, DENSE_ID, True, True,
+                                      HAS_SCALE, DOT_PRECISION)
+
+    # Every valid row sees its own key, so l_i > 0 there; rows past q_len are not stored.
     out = acc / tl.where(row_valid, l_i, 1.0)[:, None]
     out_rows = (first_row + rows) * num_heads + head
     tl.store(out_ptr + out_rows[:, None] * HEAD_DIM + dims[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row_valid[:, None])
 
 
-def _config(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this head size and dtype."""
+def _config(head_dim: int, dtype: torch.dtype, device: torch.device, pattern_id: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this head size, dtype and pattern."""
     if device.type != "cuda":
         return 16, 16, 4, 1  # the interpreter: small tiles keep tests fast and cover multi-block paths
     if dtype == torch.float32 or head_dim > 128:
         return 64, 32, 4, 2
+    if pattern_id != DENSE_ID.value:
+        # Sparse tiles are partly masked at a band's edges; on an H200 (bf16, 4K and 32K, local/strided/block)
+        # 64 x 64 tiles beat 128 x 128, 128 x 64 and 128 x 64 with 4 warps by 8-20%.
+        return 64, 64, 4, 3
     if head_dim == 128:
         return 128, 128, 8, 3  # measured best on H200 for 1K-4K causal prompts (bf16)
     return 128, 64, 4, 3
@@ -125,24 +178,26 @@ def _config(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[in
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       q_start: torch.Tensor, q_lens: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                      max_q_len: int) -> torch.Tensor:
-    """Causal attention of B packed query chunks over their sequences' paged keys and values.
+                      max_q_len: int, pattern: Pattern = DENSE, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of B packed query chunks over their sequences' paged keys and values, under `pattern`.
 
     q [Tq, Hq, Dh] fp16/bf16/fp32 (last dim contiguous; Dh a power of two in 16..256); k_cache, v_cache
-    [num_pages, page_size, Hk, Dh] contiguous, q's dtype, already holding this chunk's keys and values; Hq a
-    multiple of Hk (query head h reads kv head h // (Hq // Hk)); block_tables [B, max_pages] int32 (entries past a
-    sequence's pages are never read); q_start, q_lens, seq_lens [B] int32: sequence b's queries are rows
-    q_start[b] .. q_start[b] + q_lens[b] - 1 of q, at positions seq_lens[b] - q_lens[b] + i, each seeing the keys
-    at positions up to its own. max_q_len (host int) >= every q_lens[b] sizes the grid. Returns out [Tq, Hq, Dh]
-    contiguous, q's dtype; rows outside every sequence are left unwritten.
+    [num_pages, page_size, Hk, Dh] contiguous, q's dtype or float8_e4m3fn, already holding this chunk's keys and
+    values; for FP8 caches k_scale, v_scale [num_pages, page_size, Hk] float32 contiguous (row = e4m3 * scale),
+    else None; Hq a multiple of Hk (query head h reads kv head h // (Hq // Hk), and is head h of a block-sparse
+    pattern); block_tables [B, max_pages] int32 (entries past a sequence's pages are never read); q_start,
+    q_lens, seq_lens [B] int32: sequence b's queries are rows q_start[b] .. q_start[b] + q_lens[b] - 1 of q, at
+    positions seq_lens[b] - q_lens[b] + i, each seeing the earlier keys its pattern keeps (patterns.py).
+    max_q_len (host int) >= every q_lens[b] sizes the grid. Returns out [Tq, Hq, Dh] contiguous, q's dtype;
+    rows outside every sequence are left unwritten.
     """
     if not use_triton(q):
         return prefill_attention_ref(q, k_cache, v_cache, block_tables, q_start, q_lens, seq_lens, scale,
-                                     max_q_len)
+                                     max_q_len, pattern, k_scale, v_scale)
     check_tensor("q", q, (None, None, None), FLOAT_DTYPES)
     tq, hq, dh = q.shape
-    check_tensor("k_cache", k_cache, (None, None, None, dh), (q.dtype,), q.device, layout="contiguous")
-    check_tensor("v_cache", v_cache, tuple(k_cache.shape), (q.dtype,), q.device, layout="contiguous")
+    has_scale = check_kv_caches(k_cache, v_cache, k_scale, v_scale, dh, q.dtype, q.device)
     check_tensor("block_tables", block_tables, (None, None), (torch.int32,), q.device)
     b = block_tables.shape[0]
     for name, t in (("q_start", q_start), ("q_lens", q_lens), ("seq_lens", seq_lens)):
@@ -152,16 +207,26 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         raise ValueError(f"head_dim must be a power of two in 16..256, got q of shape {tuple(q.shape)}")
     if hq % hk:
         raise ValueError(f"q heads ({hq}) must be a multiple of cache kv heads ({hk})")
+    pattern_id, p0, p1 = kernel_params(pattern)
     out = torch.empty((tq, hq, dh), dtype=q.dtype, device=q.device)
     if tq == 0 or b == 0 or max_q_len <= 0:
         return out
-    block_m, block_n, num_warps, num_stages = _config(dh, q.dtype, q.device)
+    block_m, block_n, num_warps, num_stages = _config(dh, q.dtype, q.device, pattern_id)
+    if isinstance(pattern, BlockSparse):
+        if page_size != SPARSE_BLOCK.value:
+            raise ValueError(f"block-sparse attention needs pages of {SPARSE_BLOCK.value} tokens, got {page_size}")
+        ids, counts = pattern.lookup(hq, lookup_blocks(block_tables.shape[1]), q.device,
+                                     span=block_m // SPARSE_BLOCK.value + 1)
+    else:
+        ids = counts = block_tables  # unused
     _prefill_attention_kernel[(triton.cdiv(max_q_len, block_m), hq, b)](
-        q, k_cache, v_cache, block_tables, q_start, q_lens, seq_lens, out,
-        scale * math.log2(math.e),
-        q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        GROUP=hq // hk, HEAD_DIM=dh, PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        q, k_cache, v_cache, k_scale if has_scale else k_cache, v_scale if has_scale else v_cache,
+        block_tables, q_start, q_lens, seq_lens, ids, counts, out,
+        scale * math.log2(math.e), p0, p1, hk, counts.shape[-1] if isinstance(pattern, BlockSparse) else 0,
+        ids.shape[-1] if isinstance(pattern, BlockSparse) else 0,
+        q.stride(0), q.stride(1), block_tables.stride(0),
+        PATTERN=pattern_id, GROUP=hq // hk, HEAD_DIM=dh, PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_SCALE=has_scale, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -169,20 +234,22 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           block_tables: torch.Tensor, q_start: torch.Tensor, q_lens: torch.Tensor,
-                          seq_lens: torch.Tensor, scale: float, max_q_len: int) -> torch.Tensor:
-    """Torch reference for `prefill_attention` (one sequence at a time, float32; rows outside sequences are 0)."""
-    _, hq, dh = q.shape
-    page_size, hk = k_cache.shape[1], k_cache.shape[2]
+                          seq_lens: torch.Tensor, scale: float, max_q_len: int, pattern: Pattern = DENSE,
+                          k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Torch reference for `prefill_attention` (one sequence at a time, float32, FP8 pages dequantized, the
+    pattern applied as an explicit mask; rows outside sequences are 0)."""
+    hq = q.shape[1]
+    hk = k_cache.shape[2]
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     for b, (start, n, seq_len) in enumerate(zip(q_start.tolist(), q_lens.tolist(), seq_lens.tolist())):
         if n == 0:
             continue
-        pages = block_tables[b, :triton.cdiv(seq_len, page_size)].long()
-        k = k_cache[pages].reshape(-1, hk, dh)[:seq_len].float().repeat_interleave(hq // hk, dim=1)
-        v = v_cache[pages].reshape(-1, hk, dh)[:seq_len].float().repeat_interleave(hq // hk, dim=1)
+        k = gather_kv(k_cache, k_scale, block_tables[b], seq_len).repeat_interleave(hq // hk, dim=1)
+        v = gather_kv(v_cache, v_scale, block_tables[b], seq_len).repeat_interleave(hq // hk, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[start:start + n].float(), k) * scale
         q_pos = torch.arange(seq_len - n, seq_len, device=q.device)
-        visible = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
+        k_pos = torch.arange(seq_len, device=q.device)
+        visible = torch.stack([pattern.mask(q_pos, k_pos, h) for h in range(hq)])
         scores = scores.masked_fill(~visible, float("-inf"))
         out[start:start + n] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
     return out

@@ -1,6 +1,8 @@
 """Rotary position embedding, rotate-half convention (GPT-NeoX, HF Llama), applied to q and k in one launch."""
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -61,18 +63,78 @@ def _rope_kernel(
     _rotate_heads(k_ptr, k_out_ptr, row, Hk, stride_kt, stride_kh, cos, sin, HALF, BLOCK_HK, BLOCK_HALF)
 
 
-def rope_cos_sin(max_pos: int, head_dim: int, theta: float, device: torch.device | str) -> torch.Tensor:
-    """The table `apply_rope` reads: [max_pos, head_dim] float32 on `device`.
+def rope_inv_freq(head_dim: int, theta: float, scaling=None, device: torch.device | str = "cpu"
+                  ) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies [head_dim // 2] float32 and the factor cos/sin are multiplied by.
 
-    Row p holds cos(p * inv_freq) in its first half and sin(p * inv_freq) in its second, with
-    inv_freq[i] = theta ** (-2i / head_dim). Computed in float32 like HF transformers' Llama, so positions round
-    the same way as in the checkpoints' reference implementation.
+    Unscaled: inv_freq[i] = theta ** (-2i / head_dim), factor 1. `scaling` is None or an object with the attributes
+    of `ringlet.config.RopeScaling` (type, factor, original_max_position, beta_fast, beta_slow, attention_factor,
+    low_freq_factor, high_freq_factor):
+      linear: inv_freq / factor (positions interpolated by `factor`);
+      ntk:    theta * factor ** (d / (d - 2)) in place of theta (static NTK-aware scaling);
+      yarn:   per frequency, a ramp between interpolation (inv_freq / factor) for wavelengths longer than the
+              original context / beta_slow and extrapolation (inv_freq) for those shorter than it / beta_fast;
+              cos/sin multiplied by attention_factor, by default 0.1 * ln(factor) + 1 (YaRN's sqrt(1/t));
+      llama3: Llama 3.1's bands: wavelengths above original / low_freq_factor divided by factor, below
+              original / high_freq_factor kept, a smooth blend between.
+    Float32 and in the order HF transformers computes them, so tables agree with its rope init functions.
     """
     if head_dim % 2:
         raise ValueError(f"head_dim must be even, got {head_dim}")
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float32) / head_dim
+    kind = None if scaling is None else scaling.type
+    if kind is None:
+        return 1.0 / theta ** exponents, 1.0
+    factor = float(scaling.factor)
+    if kind == "linear":
+        return 1.0 / theta ** exponents / factor, 1.0
+    if kind == "ntk":
+        return 1.0 / (theta * factor ** (head_dim / (head_dim - 2))) ** exponents, 1.0
+    original = scaling.original_max_position
+    if kind == "yarn":
+        attention = scaling.attention_factor
+        if attention is None:
+            attention = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+        def correction_dim(rotations: float) -> float:
+            # The dimension pair index whose wavelength fits `rotations` times into the original context.
+            return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low = max(math.floor(correction_dim(scaling.beta_fast)), 0)
+        high = min(math.ceil(correction_dim(scaling.beta_slow)), head_dim - 1)
+        if low == high:
+            high += 0.001  # avoid a zero-width ramp
+        ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1).to(device)
+        freqs = theta ** exponents
+        extrapolate = 1 - ramp  # 1: keep the trained frequency; 0: interpolate by `factor`
+        inv_freq = (1.0 / (factor * freqs)) * (1 - extrapolate) + (1.0 / freqs) * extrapolate
+        return inv_freq, float(attention)
+    if kind == "llama3":
+        inv_freq = 1.0 / theta ** exponents
+        low_wavelen = original / scaling.low_freq_factor
+        high_wavelen = original / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, blended, scaled), 1.0
+    raise ValueError(f"rope scaling type {kind!r} is not one of linear, ntk, yarn, llama3")
+
+
+def rope_cos_sin(max_pos: int, head_dim: int, theta: float, device: torch.device | str,
+                 scaling=None) -> torch.Tensor:
+    """The table `apply_rope` reads: [max_pos, head_dim] float32 on `device`.
+
+    Row p holds cos(p * inv_freq) in its first half and sin(p * inv_freq) in its second, each times the scaling's
+    attention factor (YaRN; 1 otherwise), with inv_freq from `rope_inv_freq(head_dim, theta, scaling)`
+    (theta ** (-2i / head_dim) unscaled). Computed in float32 like HF transformers' Llama, so positions round
+    the same way as in the checkpoints' reference implementation.
+    """
+    inv_freq, attention = rope_inv_freq(head_dim, theta, scaling, device)
     freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32, device=device), inv_freq)
-    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+    table = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+    return table * attention if attention != 1.0 else table
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,

@@ -12,14 +12,15 @@ from .sampling_params import SamplingParams
 class LLM:
     """A model ready to generate.
 
-    `model` is "default" (the bundled SmolLM2-135M-Instruct), a GGUF file or an HF-style directory.
-    `attention` names the attention pattern ("dense"); engine sizing options are EngineConfig's fields
-    (device, dtype, max_model_len, kv_cache_tokens, max_num_seqs, max_num_batched_tokens, cuda_graphs, seed).
+    `model` is "default" (the bundled SmolLM2-135M-Instruct), a GGUF file or an HF-style directory. Options are
+    EngineConfig's fields: `attention` (a pattern string: "dense", "local:256", "strided:64,256",
+    "block:16,local=4,stride=8", with per-layer overrides such as "local:256;0=dense;-1=dense"), `kv_dtype`
+    ("auto", "bf16", "fp16", "fp32", "fp8"), `rope_scaling` ("linear:4", "ntk:4", "yarn:4", "none"), and the
+    sizing ones (device, dtype, max_model_len, kv_cache_tokens, max_num_seqs, max_num_batched_tokens, cuda_graphs,
+    seed). A bad value raises ConfigError naming it.
     """
 
-    def __init__(self, model: str = "default", *, attention: str = "dense", **engine_options):
-        if attention != "dense":
-            raise ConfigError(f"attention pattern {attention!r} is not available; this build has: dense")
+    def __init__(self, model: str = "default", **engine_options):
         unknown = set(engine_options) - set(EngineConfig.__dataclass_fields__)
         if unknown:
             raise ConfigError(f"unknown LLM option(s): {', '.join(sorted(unknown))}")

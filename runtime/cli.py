@@ -15,7 +15,13 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                                                       "or an HF-style directory")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: the rank's GPU, else cpu)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--attention", default="dense", help="attention pattern (this build: dense)")
+    p.add_argument("--attention", default="dense",
+                   help="attention pattern: dense, local:W, strided:S,W or block:B,local=L,stride=V, then per-layer "
+                        "overrides ';I=PATTERN' (I from 0, negative from the end), e.g. 'local:256;0=dense;-1=dense'")
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32", "fp8"],
+                   help="KV cache dtype (auto: the model's; fp8: e4m3 pages with per-token scales)")
+    p.add_argument("--rope-scaling", help="linear:F, ntk:F or yarn:F (stretches RoPE and the usable context F "
+                                          "times), or none (default: the checkpoint's)")
     p.add_argument("--max-model-len", type=int, help="longest context to serve (default: the model's)")
     p.add_argument("--kv-cache-tokens", type=int, help="KV cache size in tokens (default: from free memory)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -59,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _llm(args):
     from .api import LLM
-    return LLM(args.model, attention=args.attention, device=args.device, dtype=args.dtype,
-               max_model_len=args.max_model_len, kv_cache_tokens=args.kv_cache_tokens)
+    return LLM(args.model, attention=args.attention, kv_dtype=args.kv_dtype, rope_scaling=args.rope_scaling,
+               device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+               kv_cache_tokens=args.kv_cache_tokens)
 
 
 def _params(args) -> SamplingParams:
@@ -94,7 +101,7 @@ def cmd_generate(args) -> int:
     if args.json:
         print(json.dumps({"text": "".join(text), "token_ids": token_ids,
                           "prompt_token_ids": llm.engine.encode(prompt), "finish_reason": finish,
-                          "timings": timings}))
+                          "timings": timings, "info": llm.engine.info()}))
     else:
         print()
     return 0
@@ -135,7 +142,8 @@ def cmd_eval(args) -> int:
     llm = _llm(args)
     start = time.perf_counter()
     result = perplexity(llm.engine, text, args.context, args.limit_tokens).to_dict()
-    result.update(metric=args.metric, file=path, model=args.model, seconds=round(time.perf_counter() - start, 2))
+    result.update(metric=args.metric, file=path, model=args.model, seconds=round(time.perf_counter() - start, 2),
+                  **llm.engine.info())
     if not args.json:
         print(f"perplexity {result['perplexity']:.4f} over {result['tokens_scored']} tokens "
               f"({result['windows']} windows of {args.context})", file=sys.stderr)

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention import format_attention, parse_attention
 from .checkpoint import Checkpoint, load_checkpoint
+from .config import ModelConfig, RopeScaling, parse_rope_scaling
 from .errors import ConfigError, RequestError
-from .kv_cache import PAGE_SIZE, KVCache
+from .kv_cache import FP8, PAGE_SIZE, KVCache
 from .model import Llama
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, StreamChunk
@@ -20,10 +22,19 @@ from .sequence import Sequence
 
 @dataclass
 class EngineConfig:
-    """Engine sizing. None means: choose from the device (see `Engine.__init__`)."""
+    """Engine sizing and model options. None means: choose from the device or the checkpoint (see `Engine`).
+
+    attention: a pattern string for `attention.parse_attention` ("dense", "local:256", "local:256;0=dense", ...).
+    kv_dtype: "auto" (the model's dtype), "bf16", "fp16", "fp32" or "fp8" (e4m3 pages with per-token scales).
+    rope_scaling: None (the checkpoint's own), "none", or "TYPE:FACTOR" for `config.parse_rope_scaling`
+    (linear:4, ntk:4, yarn:4), which also raises the usable context to factor x the trained context.
+    """
 
     device: str | None = None
     dtype: str | None = None
+    attention: str = "dense"
+    kv_dtype: str = "auto"
+    rope_scaling: str | RopeScaling | None = None
     max_model_len: int | None = None
     kv_cache_tokens: int | None = None
     gpu_memory_utilization: float = 0.9
@@ -52,6 +63,48 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device("cpu")
 
 
+_KV_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+              "fp32": torch.float32, "float32": torch.float32, "fp8": FP8, "float8_e4m3fn": FP8}
+
+
+def resolve_kv_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache dtype: the model's for "auto", else one of _KV_DTYPES. A 16/32-bit cache must match the
+    model's dtype (the kernels read the cache in the queries' dtype); FP8 goes with any."""
+    if name == "auto":
+        return model_dtype
+    if name not in _KV_DTYPES:
+        raise ConfigError(f"kv_dtype {name!r} is not one of auto, {', '.join(_KV_DTYPES)}")
+    dtype = _KV_DTYPES[name]
+    if dtype != FP8 and dtype != model_dtype:
+        raise ConfigError(f"kv_dtype {name!r} differs from the model dtype {str(model_dtype).removeprefix('torch.')}: "
+                          f"a 16/32-bit KV cache is kept in the model's dtype (set dtype to match, or use fp8)")
+    return dtype
+
+
+def apply_rope_scaling(config: ModelConfig, spec: str | RopeScaling | None) -> ModelConfig:
+    """The model config with the caller's RoPE scaling in place of the checkpoint's (None keeps the checkpoint's)."""
+    if spec is None:
+        return config
+    if isinstance(spec, RopeScaling):
+        return config.with_rope_scaling(spec)
+    trained = config.rope_scaling.original_max_position if config.rope_scaling is not None else config.max_seq_len
+    return config.with_rope_scaling(parse_rope_scaling(spec, trained))
+
+
+def check_context(config: ModelConfig, max_model_len: int) -> None:
+    """Raise ConfigError when max_model_len is beyond the positions the model's RoPE settings allow."""
+    if max_model_len <= config.max_context:
+        return
+    scaling = config.rope_scaling
+    if scaling is None:
+        raise ConfigError(f"max_model_len {max_model_len} exceeds the model's trained context {config.max_seq_len}; "
+                          f"positions beyond it need rope scaling (e.g. rope_scaling='yarn:"
+                          f"{-(-max_model_len // config.max_seq_len)}', CLI --rope-scaling)")
+    raise ConfigError(f"max_model_len {max_model_len} exceeds the {config.max_context} positions rope scaling "
+                      f"{scaling.spec()} allows ({scaling.factor:g} x trained context "
+                      f"{scaling.original_max_position})")
+
+
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     """bfloat16 on GPUs and float32 on the CPU unless the caller names one of _DTYPES."""
     if name is None:
@@ -69,16 +122,17 @@ class Engine:
         self.config = cfg
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
-        self.model_config = checkpoint.config
-        self.tokenizer = checkpoint.tokenizer
-        self.model = Llama(checkpoint.config, checkpoint.weights, self.device, self.dtype)
+        self.kv_dtype = resolve_kv_dtype(cfg.kv_dtype, self.dtype)
+        self.model_config = apply_rope_scaling(checkpoint.config, cfg.rope_scaling)
+        if cfg.max_model_len is not None:
+            check_context(self.model_config, cfg.max_model_len)
+        patterns = parse_attention(cfg.attention, self.model_config.n_layers)
         if cfg.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be >= 1, got {cfg.max_num_seqs}")
-        self.kv = KVCache(checkpoint.config, self._num_pages(cfg), self.dtype, self.device)
-        self.max_model_len = min(cfg.max_model_len or checkpoint.config.max_seq_len, self.kv.capacity_tokens)
-        if cfg.max_model_len is not None and cfg.max_model_len > checkpoint.config.max_seq_len:
-            raise ConfigError(f"max_model_len {cfg.max_model_len} exceeds the model's trained context "
-                              f"{checkpoint.config.max_seq_len}")
+        self.tokenizer = checkpoint.tokenizer
+        self.model = Llama(self.model_config, checkpoint.weights, self.device, self.dtype, patterns)
+        self.kv = KVCache(self.model_config, self._num_pages(cfg), self.kv_dtype, self.device)
+        self.max_model_len = min(cfg.max_model_len or self.model_config.max_context, self.kv.capacity_tokens)
         batched = cfg.max_num_batched_tokens or (2048 if self.device.type == "cuda" else 512)
         if batched < cfg.max_num_seqs:
             raise ConfigError(f"max_num_batched_tokens ({batched}) must be >= max_num_seqs ({cfg.max_num_seqs})")
@@ -96,7 +150,7 @@ class Engine:
         return cls(load_checkpoint(path), config)
 
     def _num_pages(self, cfg: EngineConfig) -> int:
-        per_token = KVCache.bytes_per_token(self.model_config, self.dtype)
+        per_token = KVCache.bytes_per_token(self.model_config, self.kv_dtype)
         if cfg.kv_cache_tokens is not None:
             tokens = cfg.kv_cache_tokens
         elif self.device.type == "cuda":
@@ -112,7 +166,17 @@ class Engine:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return KVCache.bytes_per_token(self.model_config, self.dtype)
+        """KV cache bytes one token takes over all layers (an FP8 cache's scales included)."""
+        return KVCache.bytes_per_token(self.model_config, self.kv_dtype)
+
+    def info(self) -> dict:
+        """What this engine runs with, for reports: attention patterns, KV dtype and bytes per token, RoPE."""
+        scaling = self.model_config.rope_scaling
+        return {"attention": format_attention([a.pattern for a in self.model.attention]),
+                "dtype": str(self.dtype).removeprefix("torch."), "kv_dtype": str(self.kv_dtype).removeprefix("torch."),
+                "kv_bytes_per_token": self.kv_bytes_per_token, "kv_cache_tokens": self.kv.capacity_tokens,
+                "max_model_len": self.max_model_len, "trained_context": self.model_config.max_seq_len,
+                "rope_scaling": scaling.spec() if scaling is not None else None}
 
     # -- requests -------------------------------------------------------------------------------------------
 

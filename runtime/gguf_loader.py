@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint, collect_weights
-from .config import ModelConfig
+from .config import ModelConfig, RopeScaling
 from .errors import CheckpointError, ConfigError
 from .tokenizer import Tokenizer
 
@@ -160,10 +160,6 @@ def config_from_gguf(fields: dict[str, Any], path: Path, tensor_names: set[str])
     if number("expert_count", 0) > 0:
         raise ConfigError(f"{path}: {arch}.expert_count={fields[f'{arch}.expert_count']} (mixture of experts) "
                           f"is not supported")
-    scaling = fields.get(f"{arch}.rope.scaling.type")
-    if scaling not in (None, "none"):
-        # Rope scaling (linear / yarn / llama3) is a later addition; it belongs here, beside rope_theta.
-        raise ConfigError(f"{path}: {arch}.rope.scaling.type={scaling!r} is not supported yet")
     if "rope_freqs.weight" in tensor_names:
         raise ConfigError(f"{path}: tensor 'rope_freqs.weight' (llama3-style rope scaling) is not supported yet")
 
@@ -175,6 +171,19 @@ def config_from_gguf(fields: dict[str, Any], path: Path, tensor_names: set[str])
     if number("rope.dimension_count", head_dim) != head_dim:
         raise ConfigError(f"{path}: {arch}.rope.dimension_count={fields[f'{arch}.rope.dimension_count']} "
                           f"(partial rotary) differs from head_dim={head_dim}; not supported")
+    context = number("context_length")
+    rope_scaling = None
+    scaling = fields.get(f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        if scaling not in ("linear", "yarn"):
+            raise ConfigError(f"{path}: {arch}.rope.scaling.type={scaling!r} is not supported; supported: "
+                              f"none, linear, yarn")
+        try:
+            rope_scaling = RopeScaling(type=scaling, factor=number("rope.scaling.factor", kind=float),
+                                       original_max_position=number("rope.scaling.original_context_length",
+                                                                    context))
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {arch}.rope.scaling: {str(e).removeprefix('rope scaling: ')}") from None
     tokens = fields.get("tokenizer.ggml.tokens")
     vocab = number("vocab_size", len(tokens) if isinstance(tokens, list) else None)
     try:
@@ -183,7 +192,7 @@ def config_from_gguf(fields: dict[str, Any], path: Path, tensor_names: set[str])
             n_kv_heads=number("attention.head_count_kv", n_heads), ffn_dim=number("feed_forward_length"),
             head_dim=head_dim, rms_eps=number("attention.layer_norm_rms_epsilon", kind=float),
             rope_theta=number("rope.freq_base", 10000.0, kind=float),
-            max_seq_len=number("context_length"),
+            max_seq_len=context, rope_scaling=rope_scaling,
             tie_embeddings="output.weight" not in tensor_names,
             name=str(fields.get("general.name") or arch),
             extra={"format": "gguf", "architecture": arch, "file_type": fields.get("general.file_type")},

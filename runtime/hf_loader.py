@@ -15,7 +15,7 @@ import safetensors
 import torch
 
 from .checkpoint import PICKLE_SUFFIXES, Checkpoint, collect_weights
-from .config import ModelConfig
+from .config import ModelConfig, RopeScaling
 from .errors import CheckpointError, ConfigError
 from .tokenizer import Tokenizer
 
@@ -115,20 +115,20 @@ def config_from_hf(raw: dict[str, Any], path: Path) -> ModelConfig:
         raise unsupported("sliding_window", f" (shorter than max_position_embeddings={max_len})")
 
     # RoPE: transformers 4 writes rope_theta + rope_scaling, transformers 5 writes rope_parameters.
-    # Scaling (linear / dynamic / yarn / llama3) is a later addition: it would be read here.
     rope_theta = value("rope_theta", 10000.0, kind=float)
+    rope_scaling = None
     for key in ("rope_scaling", "rope_parameters"):
         rope = raw.get(key)
         if rope is None:
             continue
         if not isinstance(rope, dict):
             raise CheckpointError(f"{path}: {key}={rope!r} is not an object")
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise unsupported(key, " yet (only default RoPE)")
         theta = rope.get("rope_theta", rope_theta)
         if isinstance(theta, bool) or not isinstance(theta, (int, float)):
             raise CheckpointError(f"{path}: {key}.rope_theta={theta!r} is not a number")
         rope_theta = float(theta)
+        scaling = _rope_scaling_from_hf(rope, key, max_len, path)
+        rope_scaling = scaling if scaling is not None else rope_scaling
 
     n_heads = value("num_attention_heads")
     dim = value("hidden_size")
@@ -138,12 +138,52 @@ def config_from_hf(raw: dict[str, Any], path: Path) -> ModelConfig:
             n_kv_heads=value("num_key_value_heads", n_heads), ffn_dim=value("intermediate_size"),
             head_dim=value("head_dim", dim // n_heads if n_heads else 0),
             rms_eps=value("rms_norm_eps", 1e-6, kind=float), rope_theta=rope_theta, max_seq_len=max_len,
+            rope_scaling=rope_scaling,
             tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
             name=str(raw.get("_name_or_path") or model_type or architectures[0]),
             extra={"format": "hf", "architectures": architectures},
         )
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from e
+
+
+# HF rope types ringlet computes the same table for, and the HF keys each reads (HF name -> RopeScaling field).
+_HF_ROPE_TYPES = {
+    "linear": {"factor": "factor"},
+    "yarn": {"factor": "factor", "original_max_position_embeddings": "original_max_position",
+             "beta_fast": "beta_fast", "beta_slow": "beta_slow", "attention_factor": "attention_factor"},
+    "llama3": {"factor": "factor", "original_max_position_embeddings": "original_max_position",
+               "low_freq_factor": "low_freq_factor", "high_freq_factor": "high_freq_factor"},
+}
+
+
+def _rope_scaling_from_hf(rope: dict[str, Any], key: str, max_len: int, path: Path) -> RopeScaling | None:
+    """RopeScaling from an HF rope_scaling / rope_parameters object; None for default RoPE. A type whose table
+    ringlet does not build the same way raises ConfigError (dynamic NTK changes with the sequence length, so it is
+    refused rather than replaced by ringlet's static `ntk`)."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind not in _HF_ROPE_TYPES:
+        hint = " (for a fixed NTK-aware stretch pass --rope-scaling ntk:FACTOR)" if kind == "dynamic" else ""
+        raise ConfigError(f"{path}: {key}={rope!r}: rope_type {kind!r} is not supported; supported: default, "
+                          f"{', '.join(_HF_ROPE_TYPES)}{hint}")
+    if kind == "yarn":
+        for extra in ("mscale", "mscale_all_dim"):
+            if rope.get(extra):
+                raise ConfigError(f"{path}: {key}.{extra}={rope[extra]!r} (DeepSeek-style YaRN) is not supported")
+        if rope.get("truncate", True) is False:
+            raise ConfigError(f"{path}: {key}.truncate=false (untruncated YaRN ramp) is not supported")
+    fields: dict[str, Any] = {"type": kind, "original_max_position": max_len}
+    for hf_key, field_name in _HF_ROPE_TYPES[kind].items():
+        if rope.get(hf_key) is not None:
+            fields[field_name] = rope[hf_key]
+    if "factor" not in fields:
+        raise CheckpointError(f"{path}: {key} of rope_type {kind!r} has no 'factor'")
+    try:
+        return RopeScaling(**fields)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {key}: {str(e).removeprefix('rope scaling: ')}") from None
 
 
 class _SafetensorsTensors(contextlib.ExitStack):

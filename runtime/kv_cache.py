@@ -43,8 +43,17 @@ class PageAllocator:
             raise RuntimeError("page allocator: more pages freed than allocated (double free)")
 
 
+FP8 = torch.float8_e4m3fn
+# The dtype of an FP8 cache's scales: one per token per kv head, written by the cache-write kernel.
+SCALE_DTYPE = torch.float32
+
+
 class KVCache:
-    """Per-layer key and value pools, each [num_pages, page_size, n_kv_heads, head_dim] in `dtype`."""
+    """Per-layer key and value pools, each [num_pages, page_size, n_kv_heads, head_dim] in `dtype`.
+
+    An FP8 (`torch.float8_e4m3fn`) cache also holds per-layer `k_scale`/`v_scale` [num_pages, page_size,
+    n_kv_heads] float32 (a token's head dequantizes as e4m3 value x scale); for other dtypes those lists hold None.
+    """
 
     def __init__(self, config: ModelConfig, num_pages: int, dtype: torch.dtype, device: torch.device,
                  page_size: int = PAGE_SIZE):
@@ -54,12 +63,21 @@ class KVCache:
         shape = (num_pages, page_size, config.n_kv_heads, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        if dtype == FP8:
+            scale_shape = shape[:3]
+            self.k_scale = [torch.ones(scale_shape, dtype=SCALE_DTYPE, device=device) for _ in range(config.n_layers)]
+            self.v_scale = [torch.ones(scale_shape, dtype=SCALE_DTYPE, device=device) for _ in range(config.n_layers)]
+        else:
+            self.k_scale = self.v_scale = [None] * config.n_layers
         self.allocator = PageAllocator(num_pages)
 
     @staticmethod
     def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-        """Bytes of K and V over all layers for one token."""
-        return 2 * config.n_layers * config.kv_size * torch.empty((), dtype=dtype).element_size()
+        """Bytes of K and V over all layers for one token, an FP8 cache's scales included."""
+        values = 2 * config.n_layers * config.kv_size * torch.empty((), dtype=dtype).element_size()
+        if dtype != FP8:
+            return values
+        return values + 2 * config.n_layers * config.n_kv_heads * torch.empty((), dtype=SCALE_DTYPE).element_size()
 
     @property
     def capacity_tokens(self) -> int:

@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 
 from ringlet.kernels import apply_rope, fused_add_rms_norm, linear, rms_norm, rope_cos_sin, silu_mul, write_kv
+from ringlet.kernels.patterns import DENSE
 
-from .attention import AttentionMetadata, DenseAttention
+from .attention import Attention, AttentionMetadata, Pattern
 from .config import ModelConfig
 from .errors import CheckpointError
 from .kv_cache import KVCache
@@ -20,10 +21,14 @@ class LlamaLayer:
 
 
 class Llama:
-    """A Llama-family decoder on one device. Weights are held in `dtype`; logits come back in float32."""
+    """A Llama-family decoder on one device. Weights are held in `dtype`; logits come back in float32.
+
+    `patterns` gives each layer its attention pattern (default: dense everywhere); the RoPE table covers
+    `config.max_context` positions under `config.rope_scaling`.
+    """
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, patterns: list[Pattern] | None = None):
         self.config, self.device, self.dtype = config, device, dtype
 
         def take(name: str) -> torch.Tensor:
@@ -43,8 +48,12 @@ class Llama:
                                           take(p + "ffn_norm.weight")))
         self.norm = take("norm.weight")
         self.output = self.tok_embeddings if config.tie_embeddings else take("output.weight")
-        self.attention = [DenseAttention(config.head_dim) for _ in range(config.n_layers)]
-        self.cos_sin = rope_cos_sin(config.max_seq_len, config.head_dim, config.rope_theta, device)
+        patterns = [DENSE] * config.n_layers if patterns is None else patterns
+        if len(patterns) != config.n_layers:
+            raise ValueError(f"got {len(patterns)} attention patterns for {config.n_layers} layers")
+        self.attention = [Attention(config.head_dim, p) for p in patterns]
+        self.cos_sin = rope_cos_sin(config.max_context, config.head_dim, config.rope_theta, device,
+                                    config.rope_scaling)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, meta: AttentionMetadata,
                 kv: KVCache, logits_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -67,8 +76,8 @@ class Llama:
             k = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].view(t, cfg.n_kv_heads, cfg.head_dim)
             v = qkv[:, cfg.q_size + cfg.kv_size:].view(t, cfg.n_kv_heads, cfg.head_dim)
             q, k = apply_rope(q, k, positions, self.cos_sin)
-            write_kv(k, v, kv.k[i], kv.v[i], slots)
-            attn = self.attention[i](q, kv.k[i], kv.v[i], meta)
+            write_kv(k, v, kv.k[i], kv.v[i], slots, kv.k_scale[i], kv.v_scale[i])
+            attn = self.attention[i](q, kv.k[i], kv.v[i], meta, kv.k_scale[i], kv.v_scale[i])
             h = linear(attn.view(t, cfg.q_size), layer.wo)
             x, residual = fused_add_rms_norm(h, residual, layer.ffn_norm, cfg.rms_eps)
             h = linear(silu_mul(linear(x, layer.w13)), layer.w2)

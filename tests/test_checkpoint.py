@@ -289,8 +289,8 @@ def test_gguf_unknown_architecture_and_unsupported_options(tmp_path):
     with pytest.raises(CheckpointError, match=r"arch\.gguf: GGUF architecture 'gpt2'"):
         load_checkpoint(path)
     path = tmp_path / "scaling.gguf"
-    write_tiny_gguf(path, metadata={"llama.rope.scaling.type": "yarn"})
-    with pytest.raises(ConfigError, match=r"scaling\.gguf: llama\.rope\.scaling\.type='yarn'"):
+    write_tiny_gguf(path, metadata={"llama.rope.scaling.type": "longrope"})
+    with pytest.raises(ConfigError, match=r"scaling\.gguf: llama\.rope\.scaling\.type='longrope'"):
         load_checkpoint(path)
     path = tmp_path / "extra.gguf"
     write_tiny_gguf(path, metadata={"llama.expert_count": 8})
@@ -370,8 +370,8 @@ def test_hf_missing_tensor(tmp_path, tiny_ckpt):
 
 
 def test_hf_unsupported_config_values(tmp_path, tiny_ckpt):
-    cases = {"rope_scaling": {"rope_type": "linear", "factor": 2.0}, "hidden_act": "gelu",
-             "attention_bias": True, "mlp_bias": True, "rope_parameters": {"rope_type": "yarn", "factor": 4.0},
+    cases = {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "hidden_act": "gelu",
+             "attention_bias": True, "mlp_bias": True, "rope_parameters": {"rope_type": "longrope", "factor": 4.0},
              "sliding_window": 64, "quantization_config": {"quant_method": "gptq"}}
     for key, value in cases.items():
         directory = write_hf_dir(tmp_path / key, tiny_ckpt, config_overrides={key: value})

@@ -44,7 +44,10 @@ def test_chat_reads_turns_from_stdin():
     (["generate", "--prompt", "x", "--max-tokens", "0"], "max_tokens"),
     (["generate", "--prompt", "x", "--temperature", "-1"], "temperature"),
     (["generate", "--prompt", "x", "--top-p", "1.5"], "top_p"),
-    (["generate", "--prompt", "x", "--attention", "local:64"], "local:64"),
+    (["generate", "--prompt", "x", "--attention", "local:0"], "local:0"),
+    (["eval", "README.md", "--attention", "local:256;99=dense"], "layer 99"),
+    (["generate", "--prompt", "x", "--rope-scaling", "yarn:x"], "yarn:x"),
+    (["generate", "--prompt", "x", "--rope-scaling", "yarn:2", "--max-model-len", "20000"], "16384"),
     (["generate", "--prompt", "word " * 9000], "context"),
     (["eval", "/no/such/file.txt"], "/no/such/file.txt"),
 ])
@@ -53,6 +56,24 @@ def test_bad_input_is_one_line_and_exit_1(args, needle):
     assert out.returncode == 1
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in out.stderr, out.stderr
+
+
+def test_generate_json_reports_attention_and_kv_memory():
+    out = ringlet("generate", "--prompt", "The capital of France is", "--max-tokens", "4", "--json",
+                  "--attention", "local:64;0=dense", "--kv-dtype", "fp8")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)["info"]
+    assert info["attention"] == "local:64;0=dense" and info["kv_dtype"] == "float8_e4m3fn"
+    assert info["kv_bytes_per_token"] == 12240  # 2 x 30 layers x 3 kv heads x (64 + 4 scale bytes)
+
+
+def test_eval_json_reports_the_pattern(lee_path):
+    out = ringlet("eval", "--data", lee_path, "--context", "64", "--limit-tokens", "128", "--json",
+                  "--attention", "strided:8,16", "--kv-dtype", "fp8", "--rope-scaling", "yarn:2")
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["attention"] == "strided:8,16" and res["kv_bytes_per_token"] == 12240
+    assert res["rope_scaling"] == "yarn:2" and res["tokens_scored"] == 126 and res["perplexity"] > 1
 
 
 def test_truncated_gguf_is_one_line(tmp_path):

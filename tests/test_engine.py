@@ -181,5 +181,5 @@ def test_unknown_llm_option_and_pattern_are_refused():
     from ringlet.errors import ConfigError
     with pytest.raises(ConfigError, match="no_such_option"):
         LLM("default", no_such_option=1)
-    with pytest.raises(ConfigError, match="local:64"):
-        LLM("default", attention="local:64")
+    with pytest.raises(ConfigError, match="local:0"):
+        LLM("default", attention="local:0")

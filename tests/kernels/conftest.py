@@ -6,6 +6,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (see
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from ringlet.kernels.paged_kv import quantize_fp8_ref  # noqa: E402
+
 # Relative tolerance per dtype: two roundings to the dtype (the output, plus one intermediate such as attention
 # probabilities cast for the P @ V product, or a rounding flip between two fp32 summation orders). float32 is
 # bounded by summation order over a few thousand terms instead.
@@ -70,9 +72,35 @@ def paged_kv():
     return _paged_kv
 
 
+def _fp8_paged_kv(seq_lens: list[int], kv_heads: int, head_dim: int, page_size: int = 16, spare_pages: int = 1):
+    """`_paged_kv` with FP8 pages: keys and values of magnitude ~50 with a few 8x outlier channels (so scales are
+    far from 1 and a missing multiply fails), quantized per (token, head) by the reference quantizer.
+
+    Returns (k_cache, v_cache float8_e4m3fn, k_scale, v_scale [num_pages, page_size, kv_heads] float32,
+    block_tables, [(k, v) dequantized float32 [seq_len, kv_heads, head_dim] per sequence]); unused rows are NaN.
+    """
+    k_cache, v_cache, block_tables, dense = _paged_kv(seq_lens, kv_heads, head_dim, torch.float32, page_size,
+                                                      spare_pages)
+    gain = torch.full((head_dim,), 50.0)
+    gain[torch.randperm(head_dim)[:max(1, head_dim // 16)]] = 400.0
+    k8, k_scale = quantize_fp8_ref(k_cache * gain)
+    v8, v_scale = quantize_fp8_ref(v_cache * gain)
+    dequant = []
+    for k, v in dense:
+        (kq, ks), (vq, vs) = quantize_fp8_ref(k * gain), quantize_fp8_ref(v * gain)
+        dequant.append((kq.float() * ks[..., None], vq.float() * vs[..., None]))
+    return k8, v8, k_scale, v_scale, block_tables, dequant
+
+
+@pytest.fixture
+def fp8_paged_kv():
+    return _fp8_paged_kv
+
+
 def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """Independent check of the attention references: SDPA in float32 with an explicit causal mask.
+                     scale: float, pattern=None) -> torch.Tensor:
+    """Independent check of the attention references: SDPA in float32 with an explicit mask, causal or built
+    from `pattern.mask` per query head.
 
     q [n, Hq, D] at positions q_pos [n]; k, v [L, Hk, D] -> [n, Hq, D] float32.
     """
@@ -80,7 +108,11 @@ def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     q4 = q.float().transpose(0, 1)[None]
     k4 = k.float().repeat_interleave(group, dim=1).transpose(0, 1)[None]
     v4 = v.float().repeat_interleave(group, dim=1).transpose(0, 1)[None]
-    mask = torch.arange(k.shape[0])[None, :] <= q_pos[:, None]
+    k_pos = torch.arange(k.shape[0])
+    if pattern is None:
+        mask = k_pos[None, :] <= q_pos[:, None]
+    else:
+        mask = torch.stack([pattern.mask(q_pos, k_pos, h) for h in range(q.shape[1])])[None]
     out = torch.nn.functional.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale)
     return out[0].transpose(0, 1)
 

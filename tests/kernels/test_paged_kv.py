@@ -37,3 +37,60 @@ def test_bad_cache_is_named():
     k = torch.randn(2, 2, 16)
     with pytest.raises(ValueError, match="v_cache"):
         write_kv(k, k, torch.zeros(3, 16, 2, 16), torch.zeros(3, 16, 2, 8), torch.zeros(2, dtype=torch.int32))
+
+
+FP8 = torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("t,hk,dh", [(1, 2, 32), (17, 3, 16)])
+def test_write_kv_fp8(t, hk, dh, dtype):
+    num_pages = 4
+    qkv = torch.randn(t, 3 * hk * dh) * 50
+    qkv[:, ::7] *= 20  # outlier channels
+    qkv[0, hk * dh:2 * hk * dh] = 0  # an all-zero key row: scale 0, no NaN
+    qkv = qkv.to(dtype)
+    k = qkv[:, hk * dh:2 * hk * dh].view(t, hk, dh)
+    v = qkv[:, 2 * hk * dh:].view(t, hk, dh)
+    slots = torch.randperm(num_pages * PAGE_SIZE)[:t]
+    slots[1::3] = -1
+    shape = (num_pages, PAGE_SIZE, hk, dh)
+    k_cache, v_cache = torch.full(shape, float("nan")).to(FP8), torch.full(shape, float("nan")).to(FP8)
+    k_scale, v_scale = torch.full(shape[:3], float("nan")), torch.full(shape[:3], float("nan"))
+    refs = [x.clone() for x in (k_cache, v_cache, k_scale, v_scale)]
+
+    assert write_kv(k, v, k_cache, v_cache, slots, k_scale, v_scale) is None
+    write_kv_ref(k, v, *refs[:2], slots, *refs[2:])
+    # The kernel and the reference agree bit for bit (and skipped slots keep their NaN bytes and scales).
+    for got, want in zip((k_cache, v_cache), refs[:2]):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    for got, want in zip((k_scale, v_scale), refs[2:]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert k_scale.isnan().sum() == (num_pages * PAGE_SIZE - (slots >= 0).sum()) * hk
+    # Quantization error: e4m3 keeps 3 mantissa bits, so rounding moves a normal value by at most 2^-4 of itself;
+    # values below e4m3's smallest normal (2^-6 of the scale unit) by at most half its subnormal step, 2^-10.
+    for x, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        for row, slot in enumerate(slots.tolist()):
+            if slot < 0:
+                continue
+            s = scale.view(-1, hk)[slot]
+            assert torch.equal(s, x[row].float().abs().amax(-1) / 448)
+            deq = cache.view(-1, hk, dh)[slot].float() * s[:, None]
+            bound = torch.maximum(x[row].float().abs() * 2 ** -4, s[:, None] * 2 ** -10) * (1 + 1e-6)
+            assert ((x[row].float() - deq).abs() <= bound).all()
+    assert torch.equal(k_scale.view(-1, hk)[slots[0]], torch.zeros(hk))
+
+
+def test_fp8_cache_needs_scales():
+    k = torch.randn(2, 2, 16)
+    cache = torch.zeros(3, 16, 2, 16, dtype=FP8)
+    scale = torch.zeros(3, 16, 2)
+    slots = torch.zeros(2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="k_scale"):
+        write_kv(k, k, cache, cache.clone(), slots)
+    with pytest.raises(ValueError, match="v_scale"):
+        write_kv(k, k, cache, cache.clone(), slots, k_scale=scale)
+    with pytest.raises(ValueError, match="k_scale"):
+        write_kv(k, k, torch.zeros(3, 16, 2, 16), torch.zeros(3, 16, 2, 16), slots, scale, scale)
+    with pytest.raises(ValueError, match="v_scale"):
+        write_kv(k, k, cache, cache.clone(), slots, scale, torch.zeros(3, 16, 3))
