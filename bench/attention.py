@@ -16,12 +16,10 @@ beside our dense kernel at the same size: keep = pattern.keep_fraction, ratio = 
 bench/results/attention-<gpu>-<date>.json), a table last.
 """
 import argparse
-import datetime
 import importlib.util
 import json
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -158,7 +156,7 @@ def bench_decode(bench: Bench, s: Sizes, rows: list) -> None:
                                  speedup=sdpa / us)
                     del sdpa_sets
                 del pool, sets
-                _free(bench)
+                bench.free()
 
 
 def bench_prefill(bench: Bench, s: Sizes, rows: list) -> None:
@@ -182,7 +180,7 @@ def bench_prefill(bench: Bench, s: Sizes, rows: list) -> None:
                     args = (queries[0], pool.k, pool.v, pool.tables[0], lens * 0, lens, lens, scale, context, pattern)
                     bench.check(tag, rk.prefill_attention(*args, **pool.scales),
                                 rk.prefill_attention_ref(*args, **pool.scales))
-                    _free(bench)
+                    bench.free()
                 us = bench.time_us(run, sets)
                 keep = pattern.keep_fraction(context, h)
                 extra = {"keep": keep, "TFLOP/s": flops * keep / us * 1e-6}
@@ -201,12 +199,7 @@ def bench_prefill(bench: Bench, s: Sizes, rows: list) -> None:
                      kind="prefill-peer", cache=cache, context=context, sdpa_us=sdpa, speedup=sdpa / dense_us[cache])
                 del sdpa_sets
             del pool, sets
-            _free(bench)
-
-
-def _free(bench: Bench) -> None:
-    if bench.device.type == "cuda":
-        torch.cuda.empty_cache()
+            bench.free()
 
 
 def _table(rows: list) -> str:
@@ -309,32 +302,14 @@ def main() -> int:
     args = parser.parse_args()
     if args.fp8_granularity:
         return fp8_granularity(args)
-    if not args.smoke and not torch.cuda.is_available():
-        parser.error("no CUDA GPU: run on an H100/H200, or pass --smoke")
-    device = torch.device("cpu" if args.smoke else "cuda")
+    bench, gpu, date = bench_kernels.start(parser, args)
     sizes = SMOKE if args.smoke else GPU
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-interpreter"
-    date = datetime.date.today().isoformat()
-    torch.manual_seed(0)
-    bench = Bench(device)
-    print(f"{gpu}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
     rows = []
     start = time.perf_counter()
     bench_decode(bench, sizes, rows)
     bench_prefill(bench, sizes, rows)
-    elapsed = time.perf_counter() - start
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-    out = args.out or Path(__file__).parent / "results" / f"attention-{slug}-{date}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"gpu": gpu, "date": date, "torch": torch.__version__, "triton": triton.__version__,
-                               "seconds": elapsed, "checks": bench.checks, "rows": rows}, indent=1))
-    print("\n" + _table(rows))
-    failed = [c["name"] for c in bench.checks if not c["ok"]]
-    print(f"\n{len(bench.checks) - len(failed)}/{len(bench.checks)} checks passed in {elapsed:.0f} s; wrote {out}")
-    if failed:
-        print("FAILED: " + "; ".join(failed), file=sys.stderr)
-        return 1
-    return 0
+    return bench_kernels.finish(bench, "attention", gpu, date, args.out, time.perf_counter() - start,
+                                _table(rows), rows=rows)
 
 
 if __name__ == "__main__":

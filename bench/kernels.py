@@ -74,6 +74,11 @@ class Bench:
         self.checks: list[dict] = []
         self.timings: list[dict] = []
 
+    def free(self) -> None:
+        """Return cached GPU memory between sizes, so large cases do not fail on fragmentation."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def rand(self, *shape, dtype=torch.float32, scale=1.0) -> torch.Tensor:
         return (torch.randn(*shape, device=self.device) * scale).to(dtype)
 
@@ -290,7 +295,7 @@ def bench_decode(bench: Bench, s: Sizes) -> None:
                       lambda q, kc, vc, bt, lens: rk.decode_attention(q, kc, vc, bt, lens, scale),
                       {"sdpa dense": F.scaled_dot_product_attention}, sets, dense, work=kv_bytes)
         del sets, dense
-        _free(bench)
+        bench.free()
 
 
 def bench_prefill(bench: Bench, s: Sizes) -> None:
@@ -322,7 +327,7 @@ def bench_prefill(bench: Bench, s: Sizes) -> None:
                       {"sdpa causal": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)},
                       sets, dense, work=2 * h * t * t * dh, unit="TFLOP/s")  # 4*h*t*t*dh flops, halved by causality
         del sets, dense
-        _free(bench)
+        bench.free()
 
 
 def bench_gemv(bench: Bench, s: Sizes, copy_gbps: float) -> None:
@@ -346,7 +351,7 @@ def bench_gemv(bench: Bench, s: Sizes, copy_gbps: float) -> None:
             print(f"     {row['rate']:.0f} GB/s = {row['fraction_of_copy']:.0%} of copy; cuBLAS "
                   f"{row['peer_rates']['cublas']:.0f} GB/s", flush=True)
             del sets
-            _free(bench)
+            bench.free()
     if set(s.gemv) == set(LLAMA_7B_LINEARS):  # the linears of one Llama-7B decode step, from the rows above
         for m in s.gemv_m:
             counts = {name: (1 if name == "output" else LLAMA_7B_LAYERS) for name in s.gemv}
@@ -366,11 +371,6 @@ def bench_gemv(bench: Bench, s: Sizes, copy_gbps: float) -> None:
                   f"cuBLAS {step['peer_rates']['cublas']:.0f} GB/s", flush=True)
 
 
-def _free(bench: Bench) -> None:
-    if bench.device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def _table(timings: list[dict]) -> str:
     lines = [f"{'kernel':<60} {'ours us':>9} {'peer':<14} {'peer us':>9} {'speedup':>8} {'ours rate':>16}"]
     for row in timings:
@@ -381,22 +381,43 @@ def _table(timings: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def start(parser: argparse.ArgumentParser, args) -> tuple[Bench, str, str]:
+    """Shared start of the GPU benchmarks: (Bench on the GPU, or on the CPU for --smoke; GPU name; date)."""
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("no CUDA GPU: run on an H100/H200, or pass --smoke")
+    device = torch.device("cpu" if args.smoke else "cuda")
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-interpreter"
+    torch.manual_seed(0)
+    print(f"{gpu}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    return Bench(device), gpu, datetime.date.today().isoformat()
+
+
+def finish(bench: Bench, name: str, gpu: str, date: str, out: Path | None, elapsed: float, table: str,
+           **results) -> int:
+    """Write the JSON (default bench/results/<name>-<gpu>-<date>.json), print the table and the checks' verdict;
+    returns the exit code (1 when a check failed)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    out = out or Path(__file__).parent / "results" / f"{name}-{slug}-{date}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"gpu": gpu, "date": date, "torch": torch.__version__, "triton": triton.__version__,
+                               "seconds": elapsed, "checks": bench.checks, **results}, indent=1))
+    print("\n" + table)
+    failed = [c["name"] + " " + c["dtype"] for c in bench.checks if not c["ok"]]
+    print(f"\n{len(bench.checks) - len(failed)}/{len(bench.checks)} checks passed in {elapsed:.0f} s; wrote {out}")
+    if failed:
+        print("FAILED: " + "; ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny sizes")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/kernels-<gpu>-<date>.json)")
     args = parser.parse_args()
-    if not args.smoke and not torch.cuda.is_available():
-        parser.error("no CUDA GPU: run on an H100/H200, or pass --smoke")
-    device = torch.device("cpu" if args.smoke else "cuda")
+    bench, gpu, date = start(parser, args)
     sizes = SMOKE if args.smoke else GPU
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-interpreter"
-    date = datetime.date.today().isoformat()
-    torch.manual_seed(0)
-    bench = Bench(device)
-    print(f"{gpu}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
-
-    start = time.perf_counter()
+    start_s = time.perf_counter()
     copies = copy_bandwidth(bench, sizes)
     copy_gbps = max(copies.values())
     bench_rms_norm(bench, sizes)
@@ -406,21 +427,9 @@ def main() -> int:
     bench_decode(bench, sizes)
     bench_prefill(bench, sizes)
     bench_gemv(bench, sizes, copy_gbps)
-    elapsed = time.perf_counter() - start
-
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-    out = args.out or Path(__file__).parent / "results" / f"kernels-{slug}-{date}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"gpu": gpu, "date": date, "torch": torch.__version__, "triton": triton.__version__,
-                               "copy_gbps": copies, "seconds": elapsed, "checks": bench.checks,
-                               "timings": bench.timings}, indent=1))
-    print(f"\ncopy baseline {copy_gbps:.0f} GB/s (best of {', '.join(copies)})\n" + _table(bench.timings))
-    failed = [c["name"] + " " + c["dtype"] for c in bench.checks if not c["ok"]]
-    print(f"\n{len(bench.checks) - len(failed)}/{len(bench.checks)} checks passed in {elapsed:.0f} s; wrote {out}")
-    if failed:
-        print("FAILED: " + "; ".join(failed), file=sys.stderr)
-        return 1
-    return 0
+    table = f"copy baseline {copy_gbps:.0f} GB/s (best of {', '.join(copies)})\n" + _table(bench.timings)
+    return finish(bench, "kernels", gpu, date, args.out, time.perf_counter() - start_s, table,
+                  copy_gbps=copies, timings=bench.timings)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from .patterns import (
     STRIDED_ID,
     BlockSparse,
     Pattern,
+    head_masks,
     kernel_params,
     lookup_blocks,
     summary_bound,
@@ -257,7 +258,7 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         v = gather_kv(v_cache, v_scale, block_tables[b], seq_len).repeat_interleave(hq // hk, dim=1)
         q_pos = torch.tensor([seq_len - 1], device=q.device)
         k_pos = torch.arange(seq_len, device=q.device)
-        visible = torch.cat([pattern.mask(q_pos, k_pos, h) for h in range(hq)])  # [Hq, L]
+        visible = head_masks(pattern, q_pos, k_pos, hq)[:, 0]  # [Hq or 1, L]
         scores = (torch.einsum("hd,khd->hk", q[b].float(), k) * scale).masked_fill(~visible, float("-inf"))
         out[b] = torch.einsum("hk,khd->hd", scores.softmax(-1), v).to(q.dtype)
     return out

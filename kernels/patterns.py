@@ -32,6 +32,14 @@ def _causal(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
     return k_pos[None, :] <= q_pos[:, None]
 
 
+def head_masks(pattern, q_pos: torch.Tensor, k_pos: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """bool [n_heads, n, L] masks of `pattern` for every head, or [1, n, L] (broadcastable) when the pattern is
+    the same for all heads: only block-sparse layouts differ per head."""
+    if isinstance(pattern, BlockSparse):
+        return torch.stack([pattern.mask(q_pos, k_pos, h) for h in range(n_heads)])
+    return pattern.mask(q_pos, k_pos)[None]
+
+
 def _causal_pairs(seq_len: int) -> int:
     return seq_len * (seq_len + 1) // 2
 

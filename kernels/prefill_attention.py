@@ -24,6 +24,7 @@ from .patterns import (
     STRIDED_ID,
     BlockSparse,
     Pattern,
+    head_masks,
     kernel_params,
     lookup_blocks,
     virtual_keys,
@@ -249,7 +250,7 @@ def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         scores = torch.einsum("qhd,khd->hqk", q[start:start + n].float(), k) * scale
         q_pos = torch.arange(seq_len - n, seq_len, device=q.device)
         k_pos = torch.arange(seq_len, device=q.device)
-        visible = torch.stack([pattern.mask(q_pos, k_pos, h) for h in range(hq)])
+        visible = head_masks(pattern, q_pos, k_pos, hq)
         scores = scores.masked_fill(~visible, float("-inf"))
         out[start:start + n] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
     return out

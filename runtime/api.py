@@ -31,23 +31,25 @@ class LLM:
                  params: SamplingParams | Seq[SamplingParams] | None = None) -> list[CompletionOutput]:
         """Complete every prompt (continuously batched) and return the outputs in prompt order.
 
-        Every prompt is checked before any runs: a bad one raises RequestError naming its index.
+        Every prompt is queued before any step runs: a bad one raises RequestError naming its index, and none of
+        the prompts runs.
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params_list = self._params_list(params, len(prompts))
-        for i, prompt in enumerate(prompts):
-            try:
-                self.engine.encode(prompt)
-            except RequestError as e:
-                raise RequestError(f"prompt {i}: {e}") from None
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        ids: list[str] = []
         try:
+            for i, (prompt, sp) in enumerate(zip(prompts, params_list)):
+                try:
+                    ids.append(self.engine.add_request(prompt, sp))
+                except RequestError as e:
+                    raise RequestError(f"prompt {i}: {e}") from None
             while any(self.engine.is_unfinished(i) for i in ids):
                 self.engine.step()
         except BaseException:
-            for i in ids:
+            for i in ids:  # a refused prompt or an interrupt: none of this call's requests stays behind
                 self.engine.abort(i)
+                self.engine.pop_finished(i)
             raise
         return [self.engine.pop_finished(i) for i in ids]
 

@@ -74,10 +74,10 @@ class KVCache:
     @staticmethod
     def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
         """Bytes of K and V over all layers for one token, an FP8 cache's scales included."""
-        values = 2 * config.n_layers * config.kv_size * torch.empty((), dtype=dtype).element_size()
+        values = 2 * config.n_layers * config.kv_size * dtype.itemsize
         if dtype != FP8:
             return values
-        return values + 2 * config.n_layers * config.n_kv_heads * torch.empty((), dtype=SCALE_DTYPE).element_size()
+        return values + 2 * config.n_layers * config.n_kv_heads * SCALE_DTYPE.itemsize
 
     @property
     def capacity_tokens(self) -> int:

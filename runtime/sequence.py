@@ -78,7 +78,7 @@ class Sequence:
             self._finish("stop")
             return
         self._add_text(self._detok.push(token_id) if self._detok is not None else "")
-        if not self.finished and (len(self.output_ids) >= self.params.max_tokens
+        if not self.finished and (self.num_tokens - len(self.prompt_ids) >= self.params.max_tokens
                                   or self.num_tokens >= self.max_model_len):
             self._finish("length")
 
