@@ -33,7 +33,7 @@ import ringlet.kernels as rk
 import torch
 import torch.nn.functional as F
 import triton
-from ringlet.kernels.paged_kv import quantize_fp8_ref
+from ringlet.kernels.paged_kv import FP8_SCALE_DTYPE, quantize_fp8_ref
 
 _spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).with_name("kernels.py"))
 bench_kernels = importlib.util.module_from_spec(_spec)
@@ -58,12 +58,13 @@ class Sizes:
 
 
 GPU = Sizes(heads=32, head_dim=128, contexts=[4096, 32768], decode_batches=[1, 16], dtype=torch.bfloat16,
-            patterns={"local:256": rk.Local(256), "strided:128,256": rk.Strided(128, 256),
+            patterns={"local:256": rk.Local(256), "local:256,sink=4": rk.Local(256, sink=4),
+                      "strided:128,256": rk.Strided(128, 256), "strided:128,256,sink=4": rk.Strided(128, 256, sink=4),
                       "block:16,local=4,stride=8": rk.BlockSparse(16, 4, 8)},
             fp8_peer_context=32768, check_prefill_max=4096, sets=16)
 # tl.dot on bf16 is wrong under the interpreter (triton-lang/triton#11584), so the smoke run uses fp16.
 SMOKE = Sizes(heads=2, head_dim=32, contexts=[40, 70], decode_batches=[1, 3], dtype=torch.float16,
-              patterns={"local:8": rk.Local(8), "strided:8,8": rk.Strided(8, 8),
+              patterns={"local:8": rk.Local(8), "local:8,sink=3": rk.Local(8, sink=3), "strided:8,8": rk.Strided(8, 8),
                         "block:16,local=1,stride=2": rk.BlockSparse(16, 1, 2)},
               fp8_peer_context=70, check_prefill_max=70, sets=2)
 
@@ -79,8 +80,9 @@ class Pool:
         if fp8:  # e4m3 values of any magnitude and per-(token, head) scales around 1/448 .. 4/448
             self.k = torch.randn(shape, device=bench.device).to(FP8)
             self.v = torch.randn(shape, device=bench.device).to(FP8)
-            self.scales = {"k_scale": (torch.rand(shape[:3], device=bench.device) + 0.3) / 448,
-                           "v_scale": (torch.rand(shape[:3], device=bench.device) + 0.3) / 448}
+            scale_shape = (self.num_pages, s.heads, PAGE_SIZE)
+            self.scales = {name: ((torch.rand(scale_shape, device=bench.device) + 0.3) / 448).to(FP8_SCALE_DTYPE)
+                           for name in ("k_scale", "v_scale")}
         else:
             self.k = bench.rand(*shape, dtype=s.dtype)
             self.v = bench.rand(*shape, dtype=s.dtype)
@@ -96,7 +98,7 @@ def _dense_kv(pool: Pool, table: torch.Tensor, context: int, dtype: torch.dtype)
     for cache, scale in ((pool.k, pool.scales.get("k_scale")), (pool.v, pool.scales.get("v_scale"))):
         rows = cache[table.long()].to(dtype)
         if scale is not None:
-            rows = (rows.float() * scale[table.long()][..., None]).to(dtype)
+            rows = (rows.float() * scale[table.long()].float().transpose(-1, -2)[..., None]).to(dtype)
         b, h, dh = table.shape[0], cache.shape[2], cache.shape[3]
         out.append(rows.view(b, -1, h, dh)[:, :context].transpose(1, 2).contiguous())
     return tuple(out)

@@ -4,13 +4,22 @@ Token `pos` of a sequence lives at row `pos % PAGE_SIZE` of page `block_table[po
 tile's rows through the table keeps the attention kernels' BLOCK_N independent of the page size, and lets a tile
 hold keys that are not contiguous (strided summary columns, listed blocks).
 
-FP8 (e4m3) caches carry one float32 scale per (token, kv head) beside the pages: a key or value row is
-`row_e4m3 * scale`. Key scales multiply the scores after Q @ K^T and value scales the probabilities before P @ V
-(one multiply per score, not per element); for float16 queries the value tile is scaled instead, in float32, so
-that P * scale cannot fall into float16's subnormals.
+FP8 (e4m3) caches carry one float16 scale per (token, kv head) beside the pages, laid out [num_pages, Hk,
+PAGE_SIZE] so that one head's scales of a page are 32 contiguous bytes: a key or value row is `row_e4m3 * scale`.
+Over FP8 pages the tensor-core products run in float16, whatever the query dtype: e4m3 converts to float16
+exactly in one instruction (bfloat16 takes several), and float16's 10 mantissa bits hold queries and
+probabilities more finely than bfloat16's 7. Key scales multiply the scores after Q @ K^T and value scales the
+probabilities before P @ V (one multiply per score, not per element); the probabilities are multiplied by
+scale * 448 (the row's absolute maximum) and the product divided by 448 after, so that they stay out of float16's
+subnormals. Queries, scores times row maxima and values must stay below float16's 65504.
 """
 import triton
 import triton.language as tl
+
+from ._checks import FP8_MAX as _FP8_MAX
+
+# Largest finite e4m3 value, as a compile-time constant for the kernels.
+FP8_MAX = tl.constexpr(_FP8_MAX)
 
 
 @triton.jit
@@ -32,16 +41,17 @@ def cache_rows(
 @triton.jit
 def attend_tile(
     acc, l_i, m_i,  # running output [M, Dh], softmax denominator and max [M] (log2 domain)
-    q,  # [M, Dh] queries (the dot dtype)
+    q,  # [M, Dh] queries in the dot dtype (float16 over FP8 pages)
     rows,  # [N] flat cache rows of the tile's keys (from cache_rows)
     valid,  # [N] keys that exist; invalid rows read as 0 when MASKED
     seen,  # [M, N] bool: query sees key (used when APPLY_SEEN)
     k_cache_ptr, v_cache_ptr,  # [num_pages * PAGE_SIZE, Hk, Dh] contiguous
-    k_scale_ptr, v_scale_ptr,  # [num_pages * PAGE_SIZE, Hk] float32 (when HAS_SCALE)
+    k_scale_ptr, v_scale_ptr,  # [num_pages, Hk, PAGE_SIZE] float16 (when HAS_SCALE)
     kv_head, num_kv_heads,
     qk_scale,  # softmax scale * log2(e)
     dims,  # [Dh] arange
     HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,  # tokens per page
     MASKED: tl.constexpr,  # some keys of the tile may be invalid
     APPLY_SEEN: tl.constexpr,  # apply `seen` (else every query sees every valid key)
     HAS_SCALE: tl.constexpr,  # FP8 cache: dequantize with the per-(token, head) scales
@@ -56,12 +66,16 @@ def attend_tile(
         k = tl.load(k_cache_ptr + ptrs, mask=valid[:, None], other=0.0)
     else:
         k = tl.load(k_cache_ptr + ptrs)
+    if HAS_SCALE:
+        # Both scale loads are issued with the key tile, so their latency overlaps it.
+        scale_idx = ((rows // PAGE_SIZE) * num_kv_heads + kv_head) * PAGE_SIZE + rows % PAGE_SIZE
+        k_scale = tl.load(k_scale_ptr + scale_idx, mask=valid, other=0.0).to(tl.float32)
+        v_scale = tl.load(v_scale_ptr + scale_idx, mask=valid, other=0.0).to(tl.float32)
     if USE_DOT:
         qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
     else:
         qk = tl.sum(k.to(tl.float32) * q.to(tl.float32), 1)[None, :]
     if HAS_SCALE:
-        k_scale = tl.load(k_scale_ptr + slots, mask=valid, other=0.0)
         qk = qk * (k_scale * qk_scale)[None, :]
     else:
         qk = qk * qk_scale
@@ -79,16 +93,15 @@ def attend_tile(
         v = tl.load(v_cache_ptr + ptrs, mask=valid[:, None], other=0.0)
     else:
         v = tl.load(v_cache_ptr + ptrs)
-    if HAS_SCALE:
-        v_scale = tl.load(v_scale_ptr + slots, mask=valid, other=0.0)
-        if USE_DOT and q.dtype == tl.float16:
-            # p * scale could fall into float16's subnormals: scale the values instead.
-            v = v.to(tl.float32) * v_scale[:, None]
-        else:
-            p = p * v_scale[None, :]
     if USE_DOT:
-        pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        if HAS_SCALE:
+            p = p * (v_scale * FP8_MAX)[None, :]
+            pv = tl.dot(p.to(q.dtype), v.to(q.dtype)) * (1.0 / FP8_MAX)
+        else:
+            pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
     else:
+        if HAS_SCALE:
+            p = p * v_scale[None, :]
         pv = tl.sum(tl.sum(p, 0)[:, None] * v.to(tl.float32), 0)[None, :]
     acc = acc * alpha[:, None] + pv
     return acc, l_i, m_new
@@ -96,10 +109,10 @@ def attend_tile(
 
 def gather_kv(cache, scale, table_row, seq_len: int):
     """Torch side, for the references: float32 [seq_len, Hk, Dh] rows of one sequence, dequantized when `scale`
-    ([num_pages, page_size, Hk] float32, FP8 caches) is given."""
+    ([num_pages, Hk, page_size] float16, FP8 caches) is given."""
     page_size = cache.shape[1]
     pages = table_row[:triton.cdiv(seq_len, page_size)].long()
     rows = cache[pages].float()
     if scale is not None:
-        rows = rows * scale[pages][..., None]
+        rows = rows * scale[pages].float().transpose(1, 2)[..., None]
     return rows.reshape(-1, *cache.shape[2:])[:seq_len]

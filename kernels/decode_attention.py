@@ -21,6 +21,7 @@ from .patterns import (
     head_masks,
     kernel_params,
     lookup_blocks,
+    keys_before,
     summary_bound,
     virtual_keys,
     window_start,
@@ -39,8 +40,8 @@ def _decode_split_kernel(
     q_ptr,  # [B, Hq, Dh] queries, last dim contiguous
     k_cache_ptr,  # [num_pages, PAGE_SIZE, Hk, Dh] contiguous
     v_cache_ptr,  # [num_pages, PAGE_SIZE, Hk, Dh] contiguous
-    k_scale_ptr,  # [num_pages, PAGE_SIZE, Hk] float32 (FP8 caches; else unused)
-    v_scale_ptr,  # [num_pages, PAGE_SIZE, Hk] float32 (FP8 caches; else unused)
+    k_scale_ptr,  # [num_pages, Hk, PAGE_SIZE] float16 (FP8 caches; else unused)
+    v_scale_ptr,  # [num_pages, Hk, PAGE_SIZE] float16 (FP8 caches; else unused)
     block_tables_ptr,  # [B, max_pages] int32 page ids
     seq_lens_ptr,  # [B] keys of each sequence
     ids_ptr,  # [Hq, lookup_rows, lookup_width] block-sparse lookup (else unused)
@@ -49,7 +50,7 @@ def _decode_split_kernel(
     lse_part_ptr,  # [B, Hq, S] float32 partial log2-sum-exp2, -inf for an empty split
     qk_scale,  # softmax scale * log2(e)
     split_len,  # visited keys per split, a multiple of BLOCK_N
-    P0, P1,  # pattern parameters (patterns.kernel_params)
+    P0, P1, P2,  # pattern parameters (patterns.kernel_params)
     num_kv_heads,  # Hk
     lookup_rows, lookup_width,  # lookup shape
     stride_qb, stride_qh,  # q strides (sequence, head)
@@ -77,22 +78,22 @@ def _decode_split_kernel(
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :],
                 mask=group_valid[:, None], other=0.0)
+    if HAS_SCALE and USE_DOT:
+        q = q.to(tl.float16)  # products over FP8 pages run in float16 (_paged.py)
 
     # The keys the query at seq_len - 1 sees, as a list of `visited` virtual indices (patterns.virtual_keys):
-    # dense [0, seq_len); local the window [lo, seq_len); strided the summary columns left of the window, then
-    # the window; block-sparse the listed blocks of the query's block.
+    # dense [0, seq_len); local the sink keys, then the window [lo, seq_len); strided the sink keys, the summary
+    # columns left of the window, then the window; block-sparse the listed blocks of the query's block.
     seq_len = tl.load(seq_lens_ptr + seq)
     lo = window_start(seq_len - 1, P0, PATTERN)
-    n_summary = 0
+    n_sink, n_summary = keys_before(lo, P1, P2, PATTERN)
     ids_row = ids_ptr
-    if PATTERN == STRIDED_ID:
-        n_summary = lo // P1
     if PATTERN == BLOCK_SPARSE_ID:
         lookup_row = first_head * lookup_rows + tl.maximum(seq_len - 1, 0) // SPARSE_BLOCK
         visited = tl.load(counts_ptr + lookup_row, mask=seq_len > 0, other=0) * SPARSE_BLOCK
         ids_row = ids_ptr + lookup_row.to(tl.int64) * lookup_width
     else:
-        visited = n_summary + seq_len - lo
+        visited = n_sink + n_summary + seq_len - lo
     start = split * split_len
     end = tl.minimum(start + split_len, visited)
 
@@ -103,13 +104,13 @@ def _decode_split_kernel(
     for v0 in range(start, end, BLOCK_N):
         v = v0 + tl.arange(0, BLOCK_N)
         valid = v < end
-        keys = virtual_keys(v, valid, lo, n_summary, P1, ids_row, PATTERN)
+        keys = virtual_keys(v, valid, lo, n_sink, n_summary, P1, ids_row, PATTERN)
         if PATTERN == BLOCK_SPARSE_ID:
             valid = valid & (keys < seq_len)  # the diagonal block runs past the query
         rows = cache_rows(table_ptr, keys, valid, PAGE_SIZE, True)
         acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, rows, valid, valid[None, :], k_cache_ptr, v_cache_ptr,
                                     k_scale_ptr, v_scale_ptr, kv_head, num_kv_heads, qk_scale, dims,
-                                    HEAD_DIM, True, False, HAS_SCALE, DOT_PRECISION, USE_DOT)
+                                    HEAD_DIM, PAGE_SIZE, True, False, HAS_SCALE, DOT_PRECISION, USE_DOT)
 
     nonempty = l_i > 0
     lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
@@ -164,9 +165,9 @@ def _config(head_dim: int, dtype: torch.dtype, device: torch.device, fp8: bool,
     if dtype == torch.float32 or head_dim > 128:
         return 32, 4, 2, True
     if fp8 and heads == 1:
-        # H200, 32K context, 32 heads: 159 us at B=1 (tl.dot with BLOCK_N 64: 189 us; multiply-and-sum with
-        # BLOCK_N 64: 346 us, 32: 743 us; 8 warps: 221 us). num_stages does not change this path.
-        return 128, 4, 2, False
+        # H200, 32K context, 32 heads, B=1 / B=16 (bench/results/attention-*): multiply-and-sum over 256-key tiles
+        # 124 / 1663 us; BLOCK_N 128: 169 / 1976 us; tl.dot (float16) at best 166 / 2106 us; 8 warps slower.
+        return 256, 4, 2, False
     return 64, 4, 3, True  # bf16 at 32K, B=1: 129 us (4.2 TB/s); multiply-and-sum: 176-367 us
 
 
@@ -177,15 +178,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     q [B, Hq, Dh] fp16/bf16/fp32 (last dim contiguous; Dh a power of two in 16..256); k_cache, v_cache
     [num_pages, page_size, Hk, Dh] contiguous, q's dtype or float8_e4m3fn; for FP8 caches k_scale, v_scale
-    [num_pages, page_size, Hk] float32 contiguous (row = e4m3 * scale), else None; Hq a multiple of Hk (query
+    [num_pages, Hk, page_size] float16 contiguous (row = e4m3 * scale), else None; Hq a multiple of Hk (query
     head h reads kv head h // (Hq // Hk) and is head h of a block-sparse pattern); block_tables [B, max_pages]
     int32 (entries past a sequence's pages are never read); seq_lens [B] int32: sequence b's query sits at
     position seq_lens[b] - 1 and sees the keys its pattern keeps (patterns.py); 0 marks a padding row, whose
     output is zeros. Returns out [B, Hq, Dh] contiguous, q's dtype.
 
-    Only the keys the pattern keeps are split across programs (local: the window; strided: the window plus the
-    summary columns). The split count comes from block_tables.shape[1], the pattern and the SM count, never from
-    seq_lens, so the launch is CUDA-graph capturable (a block-sparse lookup is built on the first call for a
+    Only the keys the pattern keeps are split across programs (local: the sink keys and the window; strided:
+    those plus the summary columns). The split count comes from block_tables.shape[1], the pattern and the SM
+    count, never from seq_lens, so the launch is CUDA-graph capturable (a block-sparse lookup is built on the first call for a
     table width: make that call before capturing); pass a table no wider than the longest sequence needs, or
     splits past the real lengths idle.
     """
@@ -201,7 +202,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"head_dim must be a power of two in 16..256, got q of shape {tuple(q.shape)}")
     if hq % hk:
         raise ValueError(f"q heads ({hq}) must be a multiple of cache kv heads ({hk})")
-    pattern_id, p0, p1 = kernel_params(pattern)
+    pattern_id, p0, p1, p2 = kernel_params(pattern)
     out = torch.empty((b, hq, dh), dtype=q.dtype, device=q.device)
     max_keys = block_tables.shape[1] * page_size
     if b == 0 or max_keys == 0:
@@ -227,7 +228,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _decode_split_kernel[(b, hq // heads, splits)](
         q, k_cache, v_cache, k_scale if has_scale else k_cache, v_scale if has_scale else v_cache,
         block_tables, seq_lens, ids, counts, o_part, lse_part,
-        scale * math.log2(math.e), split_len, p0, p1, hk,
+        scale * math.log2(math.e), split_len, p0, p1, p2, hk,
         counts.shape[-1] if isinstance(pattern, BlockSparse) else 0, ids.shape[-1] if isinstance(pattern, BlockSparse) else 0,
         q.stride(0), q.stride(1), block_tables.stride(0),
         PATTERN=pattern_id, GROUP=group, HEADS=heads,

@@ -56,46 +56,67 @@ class Dense:
         return 1.0
 
 
+def _sink_and_window(p: torch.Tensor, window: int, sink: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For queries at positions p: (keys in the local window, sink keys left of the window)."""
+    before = (p - window + 1).clamp(min=0)  # keys left of the window
+    return (p + 1).clamp(max=window), before.clamp(max=sink)
+
+
 @dataclass(frozen=True)
 class Local:
-    """The query at position p sees keys k with p - window < k <= p."""
+    """The query at position p sees keys k with p - window < k <= p, plus the first `sink` keys (attention sinks,
+    Xiao et al. 2023: the first tokens soak up attention that has nowhere else to go, and dropping them from the
+    window costs far more quality than their count suggests)."""
     window: int
+    sink: int = 0
 
     def __post_init__(self):
         _check_int("Local", "window", self.window, 1)
+        _check_int("Local", "sink", self.sink, 0)
 
     def mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, head: int = 0) -> torch.Tensor:
-        return _causal(q_pos, k_pos) & (k_pos[None, :] > q_pos[:, None] - self.window)
+        local = k_pos[None, :] > q_pos[:, None] - self.window
+        return _causal(q_pos, k_pos) & (local | (k_pos < self.sink)[None, :])
+
+    def _kept(self, p: torch.Tensor) -> torch.Tensor:
+        window, sink = _sink_and_window(p, self.window, self.sink)
+        return window + sink
 
     def keep_fraction(self, seq_len: int, n_heads: int = 1, decode: bool = False) -> float:
         """Fraction of the causal (query, key) pairs of a seq_len prompt kept (decode: of the keys seen by one
         query at position seq_len - 1)."""
         if decode:
-            return min(seq_len, self.window) / seq_len
-        p = torch.arange(seq_len, dtype=torch.float64)
-        return (p + 1).clamp(max=self.window).sum().item() / _causal_pairs(seq_len)
+            return self._kept(torch.tensor([seq_len - 1])).item() / seq_len
+        return self._kept(torch.arange(seq_len, dtype=torch.int64)).sum().item() / _causal_pairs(seq_len)
 
 
 @dataclass(frozen=True)
 class Strided:
     """The local window plus every key k <= p with k % stride == stride - 1: the "fixed" pattern of Child et al.
-    2019, whose summary columns are shared by all queries (so kernels load them directly, stride apart)."""
+    2019, whose summary columns are shared by all queries (so kernels load them directly, stride apart); plus
+    the first `sink` keys, as in Local."""
     stride: int
     window: int
+    sink: int = 0
 
     def __post_init__(self):
         _check_int("Strided", "stride", self.stride, 2)
         _check_int("Strided", "window", self.window, 1)
+        _check_int("Strided", "sink", self.sink, 0)
 
     def mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, head: int = 0) -> torch.Tensor:
         local = k_pos[None, :] > q_pos[:, None] - self.window
-        summary = (k_pos % self.stride == self.stride - 1)[None, :]
-        return _causal(q_pos, k_pos) & (local | summary)
+        summary = (k_pos % self.stride == self.stride - 1) | (k_pos < self.sink)
+        return _causal(q_pos, k_pos) & (local | summary[None, :])
 
     def _kept(self, p: torch.Tensor) -> torch.Tensor:
-        """Keys seen by queries at positions p: the window, plus summary columns before it."""
-        before = (p - self.window + 1).clamp(min=0)  # keys left of the window
-        return (p + 1).clamp(max=self.window) + torch.div(before, self.stride, rounding_mode="floor")
+        """Keys seen by queries at positions p: the window, the sink keys before it, and the summary columns
+        between the two."""
+        window, sink = _sink_and_window(p, self.window, self.sink)
+        before = (p - self.window + 1).clamp(min=0)
+        summary = torch.div(before, self.stride, rounding_mode="floor") - torch.div(sink, self.stride,
+                                                                                     rounding_mode="floor")
+        return window + sink + summary
 
     def keep_fraction(self, seq_len: int, n_heads: int = 1, decode: bool = False) -> float:
         if decode:
@@ -171,17 +192,17 @@ Pattern = Dense | Local | Strided | BlockSparse
 DENSE = Dense()
 
 
-def kernel_params(pattern: Pattern) -> tuple[int, int, int]:
-    """(PATTERN id, P0, P1) the kernels take: local (window, 1), strided (window, stride), block-sparse
-    (local_blocks, vert_stride), dense (0, 1)."""
+def kernel_params(pattern: Pattern) -> tuple[int, int, int, int]:
+    """(PATTERN id, P0, P1, P2) the kernels take: local (window, 1, sink), strided (window, stride, sink),
+    block-sparse (local_blocks, vert_stride, 0), dense (0, 1, 0)."""
     if isinstance(pattern, Dense):
-        return DENSE_ID.value, 0, 1
+        return DENSE_ID.value, 0, 1, 0
     if isinstance(pattern, Local):
-        return LOCAL_ID.value, pattern.window, 1
+        return LOCAL_ID.value, pattern.window, 1, pattern.sink
     if isinstance(pattern, Strided):
-        return STRIDED_ID.value, pattern.window, pattern.stride
+        return STRIDED_ID.value, pattern.window, pattern.stride, pattern.sink
     if isinstance(pattern, BlockSparse):
-        return BLOCK_SPARSE_ID.value, pattern.local_blocks, pattern.vert_stride
+        return BLOCK_SPARSE_ID.value, pattern.local_blocks, pattern.vert_stride, 0
     raise ValueError(f"pattern must be Dense, Local, Strided or BlockSparse, got {pattern!r}")
 
 
@@ -194,9 +215,9 @@ def lookup_blocks(max_pages: int) -> int:
 def summary_bound(pattern: Pattern, max_keys: int) -> int:
     """Most keys a decode query visits for sequences of at most max_keys keys (sizes the split grid)."""
     if isinstance(pattern, Local):
-        return min(pattern.window, max_keys)
+        return min(pattern.window + pattern.sink, max_keys)
     if isinstance(pattern, Strided):
-        return min(pattern.window, max_keys) + max_keys // pattern.stride
+        return min(min(pattern.window, max_keys) + pattern.sink + max_keys // pattern.stride, max_keys)
     return max_keys
 
 
@@ -204,13 +225,14 @@ def summary_bound(pattern: Pattern, max_keys: int) -> int:
 
 
 @triton.jit
-def visible(q_pos, keys, head, P0, P1, PATTERN: tl.constexpr):
+def visible(q_pos, keys, head, P0, P1, P2, PATTERN: tl.constexpr):
     """bool [M, N]: query at q_pos [M] sees key at keys [N] (the kernels' form of `mask`)."""
     seen = keys[None, :] <= q_pos[:, None]
     if PATTERN == LOCAL_ID:
-        seen = seen & (keys[None, :] > q_pos[:, None] - P0)
+        seen = seen & ((keys[None, :] > q_pos[:, None] - P0) | (keys < P2)[None, :])
     elif PATTERN == STRIDED_ID:
-        seen = seen & ((keys[None, :] > q_pos[:, None] - P0) | ((keys % P1) == P1 - 1)[None, :])
+        summary = ((keys % P1) == P1 - 1) | (keys < P2)
+        seen = seen & ((keys[None, :] > q_pos[:, None] - P0) | summary[None, :])
     elif PATTERN == BLOCK_SPARSE_ID:
         q_block = q_pos[:, None] // SPARSE_BLOCK
         k_block = keys[None, :] // SPARSE_BLOCK
@@ -228,15 +250,31 @@ def window_start(q_pos, P0, PATTERN: tl.constexpr):
 
 
 @triton.jit
-def virtual_keys(v, valid, lo, n_summary, P1, ids_ptr, PATTERN: tl.constexpr):
-    """Key positions of virtual indices v [N] of a key list: for strided, indices < n_summary are summary columns
-    (index i -> key (i + 1) * stride - 1, all left of the window), the rest run contiguously from `lo`; for
-    block-sparse, index i is token i % 16 of listed block ids_ptr[i // 16]; otherwise lo + v."""
+def keys_before(lo, P1, P2, PATTERN: tl.constexpr):
+    """(n_sink, n_summary): the keys left of a window starting at `lo` that a query still sees, as counts: the sink
+    keys 0 .. n_sink - 1, then (strided) the n_summary summary columns between the sink and the window."""
+    n_sink = tl.minimum(lo, P2)
+    n_summary = n_sink * 0
+    if PATTERN == STRIDED_ID:
+        n_summary = lo // P1 - n_sink // P1
+    return n_sink, n_summary
+
+
+@triton.jit
+def virtual_keys(v, valid, lo, n_sink, n_summary, P1, ids_ptr, PATTERN: tl.constexpr):
+    """Key positions of virtual indices v [N] of a key list. Local and strided: indices < n_sink are the sink keys
+    0 .. n_sink - 1, the next n_summary (strided) the summary columns after the sink (key (j + 1) * stride - 1 for
+    j from n_sink // stride), the rest run contiguously from the window start `lo`. Block-sparse: index i is token
+    i % 16 of listed block ids_ptr[i // 16]. Dense: lo + v."""
     if PATTERN == BLOCK_SPARSE_ID:
         block = tl.load(ids_ptr + v // SPARSE_BLOCK, mask=valid, other=0)
         return block * SPARSE_BLOCK + v % SPARSE_BLOCK
     elif PATTERN == STRIDED_ID:
-        return tl.where(v < n_summary, (v + 1) * P1 - 1, lo + v - n_summary)
+        summary = (n_sink // P1 + v - n_sink + 1) * P1 - 1
+        window = lo + v - n_sink - n_summary
+        return tl.where(v < n_sink, v, tl.where(v < n_sink + n_summary, summary, window))
+    elif PATTERN == LOCAL_ID:
+        return tl.where(v < n_sink, v, lo + v - n_sink)
     else:
         return lo + v
 

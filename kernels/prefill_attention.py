@@ -2,8 +2,8 @@
 from the paged cache (bf16/fp16/fp32, or FP8 e4m3 with per-(token, head) scales).
 
 A query tile visits only the keys its pattern can show it: dense, everything up to its last query; local, the band
-of keys overlapping its queries' windows; strided, that band plus the summary columns left of it, gathered stride
-apart in tiles of BLOCK_N; block-sparse, the blocks its lookup row lists.
+of keys overlapping its queries' windows plus the sink keys left of it; strided, those plus the summary columns
+left of the band, gathered stride apart in tiles of BLOCK_N; block-sparse, the blocks its lookup row lists.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from .patterns import (
     BlockSparse,
     Pattern,
     head_masks,
+    keys_before,
     kernel_params,
     lookup_blocks,
     virtual_keys,
@@ -37,9 +38,9 @@ from .patterns import (
 def _attend_range(
     acc, l_i, m_i, q, q_pos,  # running state, queries [BLOCK_M, Dh] and their positions
     v_start, v_end,  # virtual key indices [v_start, v_end) (see patterns.virtual_keys)
-    lo, n_summary, ids_ptr,  # virtual_keys arguments
+    lo, n_sink, n_summary, ids_ptr,  # virtual_keys arguments
     key_end,  # keys >= key_end are not read
-    head, kv_head, num_kv_heads, P0, P1,
+    head, kv_head, num_kv_heads, P0, P1, P2,
     k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr, qk_scale, dims,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     PATTERN: tl.constexpr,  # the pattern, for the visibility mask
@@ -51,15 +52,15 @@ def _attend_range(
     for v0 in range(v_start, v_end, BLOCK_N):
         v = v0 + tl.arange(0, BLOCK_N)
         valid = v < v_end
-        keys = virtual_keys(v, valid, lo, n_summary, P1, ids_ptr, KEY_MAP)
+        keys = virtual_keys(v, valid, lo, n_sink, n_summary, P1, ids_ptr, KEY_MAP)
         valid = valid & (keys < key_end)
         rows = cache_rows(table_ptr, keys, valid, PAGE_SIZE, MASKED)
         seen = valid[None, :]
         if APPLY_SEEN:
-            seen = seen & visible(q_pos, keys, head, P0, P1, PATTERN)
+            seen = seen & visible(q_pos, keys, head, P0, P1, P2, PATTERN)
         acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, rows, valid, seen, k_cache_ptr, v_cache_ptr,
                                     k_scale_ptr, v_scale_ptr, kv_head, num_kv_heads, qk_scale, dims,
-                                    HEAD_DIM, MASKED, APPLY_SEEN, HAS_SCALE, DOT_PRECISION)
+                                    HEAD_DIM, PAGE_SIZE, MASKED, APPLY_SEEN, HAS_SCALE, DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -68,8 +69,8 @@ def _prefill_attention_kernel(
     q_ptr,  # [Tq, Hq, Dh] queries, last dim contiguous
     k_cache_ptr,  # [num_pages, PAGE_SIZE, Hk, Dh] contiguous
     v_cache_ptr,  # [num_pages, PAGE_SIZE, Hk, Dh] contiguous
-    k_scale_ptr,  # [num_pages, PAGE_SIZE, Hk] float32 (FP8 caches; else unused)
-    v_scale_ptr,  # [num_pages, PAGE_SIZE, Hk] float32 (FP8 caches; else unused)
+    k_scale_ptr,  # [num_pages, Hk, PAGE_SIZE] float16 (FP8 caches; else unused)
+    v_scale_ptr,  # [num_pages, Hk, PAGE_SIZE] float16 (FP8 caches; else unused)
     block_tables_ptr,  # [B, max_pages] int32 page ids
     q_start_ptr,  # [B] first query row of each sequence
     q_lens_ptr,  # [B] query rows of each sequence
@@ -78,7 +79,7 @@ def _prefill_attention_kernel(
     counts_ptr,  # [Hq, n_rows] listed blocks per lookup row
     out_ptr,  # [Tq, Hq, Dh] contiguous
     qk_scale,  # softmax scale * log2(e)
-    P0, P1,  # pattern parameters (patterns.kernel_params)
+    P0, P1, P2,  # pattern parameters (patterns.kernel_params)
     num_kv_heads,  # Hk
     lookup_rows, lookup_width,  # lookup shape (n_rows, width)
     stride_qt, stride_qh,  # q strides (token, head)
@@ -106,6 +107,8 @@ def _prefill_attention_kernel(
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + (first_row + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :],
                 mask=row_valid[:, None], other=0.0)
+    if HAS_SCALE:
+        q = q.to(tl.float16)  # products over FP8 pages run in float16 (_paged.py)
     q_pos = context + rows
 
     # The tile's queries sit at positions [q_first, end); an empty tile (past q_len) gets end 0 and visits nothing.
@@ -122,9 +125,9 @@ def _prefill_attention_kernel(
         # Every listed block, masked: the row lists the union over the tile's query blocks.
         lookup_row = head * lookup_rows + q_first // SPARSE_BLOCK
         count = tl.load(counts_ptr + lookup_row, mask=tile_valid, other=0)
-        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, q_pos, 0, count * SPARSE_BLOCK, 0, 0,
+        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, q_pos, 0, count * SPARSE_BLOCK, 0, 0, 0,
                                       ids_ptr + lookup_row.to(tl.int64) * lookup_width, end,
-                                      head, kv_head, num_kv_heads, P0, P1,
+                                      head, kv_head, num_kv_heads, P0, P1, P2,
                                       k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr, qk_scale, dims,
                                       HEAD_DIM, PAGE_SIZE, BLOCK_N, PATTERN, BLOCK_SPARSE_ID, True, True,
                                       HAS_SCALE, DOT_PRECISION)
@@ -132,25 +135,25 @@ def _prefill_attention_kernel(
         if PATTERN == DENSE_ID:
             # Keys before the tile's first query, whole BLOCK_N tiles: visible to every query, no mask.
             band_start = tl.minimum(q_first // BLOCK_N * BLOCK_N, end)
-            acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, q_pos, 0, band_start, 0, 0, ids_ptr, end,
-                                          head, kv_head, num_kv_heads, P0, P1,
+            acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, q_pos, 0, band_start, 0, 0, 0, ids_ptr, end,
+                                          head, kv_head, num_kv_heads, P0, P1, P2,
                                           k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr, qk_scale,
                                           dims, HEAD_DIM, PAGE_SIZE, BLOCK_N, PATTERN, DENSE_ID, False, False,
                                           HAS_SCALE, DOT_PRECISION)
         else:
-            # Local and strided: the band from the first query's window start.
+            # Local and strided: the band from the first query's window start, after the keys left of it that
+            # every query of the tile sees (sink keys, then strided summary columns: patterns.keys_before).
             band_start = tl.minimum(window_start(q_first, P0, PATTERN), end)
-            if PATTERN == STRIDED_ID:
-                # Summary columns left of the band: (i + 1) * stride - 1 < band_start, visible to every query.
-                n_summary = tl.where(tile_valid, band_start // P1, 0)
-                acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, q_pos, 0, n_summary, 0, n_summary, ids_ptr, end,
-                                              head, kv_head, num_kv_heads, P0, P1,
-                                              k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr,
-                                              qk_scale, dims, HEAD_DIM, PAGE_SIZE, BLOCK_N, PATTERN, STRIDED_ID,
-                                              True, False, HAS_SCALE, DOT_PRECISION)
-        # The band up to the tile's last query: causal and window masks.
-        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, q_pos, band_start, end, 0, 0, ids_ptr, end,
-                                      head, kv_head, num_kv_heads, P0, P1,
+            n_sink, n_summary = keys_before(band_start, P1, P2, PATTERN)
+            n_before = tl.where(tile_valid, n_sink + n_summary, 0)
+            acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, q_pos, 0, n_before, 0, n_sink, n_summary, ids_ptr, end,
+                                          head, kv_head, num_kv_heads, P0, P1, P2,
+                                          k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr,
+                                          qk_scale, dims, HEAD_DIM, PAGE_SIZE, BLOCK_N, PATTERN, PATTERN,
+                                          True, False, HAS_SCALE, DOT_PRECISION)
+        # The band up to the tile's last query: causal and pattern masks.
+        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, q_pos, band_start, end, 0, 0, 0, ids_ptr, end,
+                                      head, kv_head, num_kv_heads, P0, P1, P2,
                                       k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr, qk_scale, dims,
                                       HEAD_DIM, PAGE_SIZE, BLOCK_N, PATTERN, DENSE_ID, True, True,
                                       HAS_SCALE, DOT_PRECISION)
@@ -185,7 +188,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
     q [Tq, Hq, Dh] fp16/bf16/fp32 (last dim contiguous; Dh a power of two in 16..256); k_cache, v_cache
     [num_pages, page_size, Hk, Dh] contiguous, q's dtype or float8_e4m3fn, already holding this chunk's keys and
-    values; for FP8 caches k_scale, v_scale [num_pages, page_size, Hk] float32 contiguous (row = e4m3 * scale),
+    values; for FP8 caches k_scale, v_scale [num_pages, Hk, page_size] float16 contiguous (row = e4m3 * scale),
     else None; Hq a multiple of Hk (query head h reads kv head h // (Hq // Hk), and is head h of a block-sparse
     pattern); block_tables [B, max_pages] int32 (entries past a sequence's pages are never read); q_start,
     q_lens, seq_lens [B] int32: sequence b's queries are rows q_start[b] .. q_start[b] + q_lens[b] - 1 of q, at
@@ -208,7 +211,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         raise ValueError(f"head_dim must be a power of two in 16..256, got q of shape {tuple(q.shape)}")
     if hq % hk:
         raise ValueError(f"q heads ({hq}) must be a multiple of cache kv heads ({hk})")
-    pattern_id, p0, p1 = kernel_params(pattern)
+    pattern_id, p0, p1, p2 = kernel_params(pattern)
     out = torch.empty((tq, hq, dh), dtype=q.dtype, device=q.device)
     if tq == 0 or b == 0 or max_q_len <= 0:
         return out
@@ -223,7 +226,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     _prefill_attention_kernel[(triton.cdiv(max_q_len, block_m), hq, b)](
         q, k_cache, v_cache, k_scale if has_scale else k_cache, v_scale if has_scale else v_cache,
         block_tables, q_start, q_lens, seq_lens, ids, counts, out,
-        scale * math.log2(math.e), p0, p1, hk, counts.shape[-1] if isinstance(pattern, BlockSparse) else 0,
+        scale * math.log2(math.e), p0, p1, p2, hk, counts.shape[-1] if isinstance(pattern, BlockSparse) else 0,
         ids.shape[-1] if isinstance(pattern, BlockSparse) else 0,
         q.stride(0), q.stride(1), block_tables.stride(0),
         PATTERN=pattern_id, GROUP=hq // hk, HEAD_DIM=dh, PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n,

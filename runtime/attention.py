@@ -6,8 +6,9 @@ hands it, with the FP8 cache's scales when there are any, to the prefill and dec
 Pattern strings (`parse_attention`), the same in the API (`LLM(attention=...)`) and the CLI (`--attention`):
 
     dense                           every earlier token
-    local:W                         the previous W tokens (W >= 1)
-    strided:S,W                     the local window W plus every earlier key k with k % S == S - 1 (S >= 2)
+    local:W[,sink=N]                the previous W tokens (W >= 1), plus the first N tokens (attention sinks)
+    strided:S,W[,sink=N]            the local window W plus every earlier key k with k % S == S - 1 (S >= 2),
+                                    plus the first N tokens
     block:B,local=L,stride=V        B x B blocks, per head: the L latest key blocks plus every V-th block
                                     (`block` alone: block=16, local=4, stride=8)
 
@@ -38,11 +39,22 @@ def _int(text: str, what: str, piece: str, spec: str) -> int:
     return int(text)
 
 
+def _sink(values: list[str], piece: str, spec: str) -> tuple[list[str], dict[str, int]]:
+    """Split an optional trailing `sink=N` off a pattern's comma-separated arguments."""
+    if values and values[-1].strip().startswith("sink"):
+        key, eq, value = values[-1].partition("=")
+        if key.strip() != "sink" or not eq:
+            raise ConfigError(f"attention {spec!r}: in {piece.strip()!r}, {values[-1].strip()!r} must be sink=N")
+        return values[:-1], {"sink": _int(value, "sink", piece, spec)}
+    return values, {}
+
+
 def parse_pattern(piece: str, spec: str | None = None) -> Pattern:
-    """One pattern (`dense`, `local:W`, `strided:S,W`, `block:B,local=L,stride=V`) -> its pattern object.
+    """One pattern (`dense`, `local:W[,sink=N]`, `strided:S,W[,sink=N]`, `block:B,local=L,stride=V`) -> its
+    pattern object.
 
     Raises ConfigError naming `piece` (and the whole `spec` it came from) for anything that does not parse or that
-    the pattern refuses (window < 1, stride < 2, a block size the kernels do not support).
+    the pattern refuses (window < 1, stride < 2, sink < 0, a block size the kernels do not support).
     """
     spec = piece if spec is None else spec
     text = piece.strip()
@@ -52,12 +64,16 @@ def parse_pattern(piece: str, spec: str | None = None) -> Pattern:
         if kind == "dense" and not colon:
             return DENSE
         if kind == "local" and colon:
-            return Local(window=_int(args, "window", piece, spec))
+            values, sink = _sink(args.split(","), piece, spec)
+            if len(values) != 1:
+                raise ConfigError(f"attention {spec!r}: {piece.strip()!r} must be local:WINDOW[,sink=N]")
+            return Local(window=_int(values[0], "window", piece, spec), **sink)
         if kind == "strided" and colon:
-            values = args.split(",")
+            values, sink = _sink(args.split(","), piece, spec)
             if len(values) != 2:
-                raise ConfigError(f"attention {spec!r}: {piece.strip()!r} must be strided:STRIDE,WINDOW")
-            return Strided(stride=_int(values[0], "stride", piece, spec), window=_int(values[1], "window", piece, spec))
+                raise ConfigError(f"attention {spec!r}: {piece.strip()!r} must be strided:STRIDE,WINDOW[,sink=N]")
+            return Strided(stride=_int(values[0], "stride", piece, spec),
+                           window=_int(values[1], "window", piece, spec), **sink)
         if kind == "block":
             fields: dict[str, int] = {}
             names = {"block": "block", "local": "local_blocks", "stride": "vert_stride"}
@@ -73,8 +89,8 @@ def parse_pattern(piece: str, spec: str | None = None) -> Pattern:
             return BlockSparse(**fields)
     except ValueError as e:  # the pattern's own validation: names the field
         raise ConfigError(f"attention {spec!r}: {piece.strip()!r}: {e}") from None
-    raise ConfigError(f"attention {spec!r}: {piece.strip()!r} is not a pattern; expected dense, local:W, "
-                      "strided:S,W or block:B,local=L,stride=V")
+    raise ConfigError(f"attention {spec!r}: {piece.strip()!r} is not a pattern; expected dense, local:W[,sink=N], "
+                      "strided:S,W[,sink=N] or block:B,local=L,stride=V")
 
 
 def parse_attention(spec: str, n_layers: int) -> list[Pattern]:
@@ -112,10 +128,11 @@ def pattern_spec(pattern: Pattern) -> str:
     """The string `parse_pattern` reads back into `pattern`."""
     if isinstance(pattern, Dense):
         return "dense"
+    sink = f",sink={pattern.sink}" if getattr(pattern, "sink", 0) else ""
     if isinstance(pattern, Local):
-        return f"local:{pattern.window}"
+        return f"local:{pattern.window}{sink}"
     if isinstance(pattern, Strided):
-        return f"strided:{pattern.stride},{pattern.window}"
+        return f"strided:{pattern.stride},{pattern.window}{sink}"
     if isinstance(pattern, BlockSparse):
         return f"block:{pattern.block},local={pattern.local_blocks},stride={pattern.vert_stride}"
     raise TypeError(f"not an attention pattern: {pattern!r}")
@@ -159,7 +176,7 @@ class Attention:
                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
         """q [T, Hq, Dh] -> out [T, Hq, Dh]; this step's keys and values are already in the cache.
 
-        k_scale, v_scale [num_pages, page_size, Hk] float32: the dequantization scales of an FP8 cache, else None.
+        k_scale, v_scale [num_pages, Hk, page_size] float16: the dequantization scales of an FP8 cache, else None.
         """
         if meta.is_decode:
             return decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ringlet.kernels.paged_kv import FP8_SCALE_DTYPE
+
 from .config import ModelConfig
 from .errors import ConfigError
 
@@ -44,15 +46,13 @@ class PageAllocator:
 
 
 FP8 = torch.float8_e4m3fn
-# The dtype of an FP8 cache's scales: one per token per kv head, written by the cache-write kernel.
-SCALE_DTYPE = torch.float32
 
 
 class KVCache:
     """Per-layer key and value pools, each [num_pages, page_size, n_kv_heads, head_dim] in `dtype`.
 
-    An FP8 (`torch.float8_e4m3fn`) cache also holds per-layer `k_scale`/`v_scale` [num_pages, page_size,
-    n_kv_heads] float32 (a token's head dequantizes as e4m3 value x scale); for other dtypes those lists hold None.
+    An FP8 (`torch.float8_e4m3fn`) cache also holds per-layer `k_scale`/`v_scale` [num_pages, n_kv_heads,
+    page_size] float16 (a token's head dequantizes as e4m3 value x scale); for other dtypes those lists hold None.
     """
 
     def __init__(self, config: ModelConfig, num_pages: int, dtype: torch.dtype, device: torch.device,
@@ -64,9 +64,11 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         if dtype == FP8:
-            scale_shape = shape[:3]
-            self.k_scale = [torch.ones(scale_shape, dtype=SCALE_DTYPE, device=device) for _ in range(config.n_layers)]
-            self.v_scale = [torch.ones(scale_shape, dtype=SCALE_DTYPE, device=device) for _ in range(config.n_layers)]
+            scale_shape = (num_pages, config.n_kv_heads, page_size)
+            self.k_scale = [torch.ones(scale_shape, dtype=FP8_SCALE_DTYPE, device=device)
+                            for _ in range(config.n_layers)]
+            self.v_scale = [torch.ones(scale_shape, dtype=FP8_SCALE_DTYPE, device=device)
+                            for _ in range(config.n_layers)]
         else:
             self.k_scale = self.v_scale = [None] * config.n_layers
         self.allocator = PageAllocator(num_pages)
@@ -77,7 +79,7 @@ class KVCache:
         values = 2 * config.n_layers * config.kv_size * dtype.itemsize
         if dtype != FP8:
             return values
-        return values + 2 * config.n_layers * config.n_kv_heads * SCALE_DTYPE.itemsize
+        return values + 2 * config.n_layers * config.n_kv_heads * FP8_SCALE_DTYPE.itemsize
 
     @property
     def capacity_tokens(self) -> int:

@@ -9,7 +9,8 @@ from ringlet.kernels.patterns import DENSE
 from .attention import Attention, AttentionMetadata, Pattern
 from .config import ModelConfig
 from .errors import CheckpointError
-from .kv_cache import KVCache
+from .kv_cache import FP8, KVCache
+from .kv_rotation import hadamard
 
 
 class LlamaLayer:
@@ -54,6 +55,10 @@ class Llama:
         self.attention = [Attention(config.head_dim, p) for p in patterns]
         self.cos_sin = rope_cos_sin(config.max_context, config.head_dim, config.rope_theta, device,
                                     config.rope_scaling)
+        # Applied to queries and keys in front of an FP8 cache (kv_rotation.py); the attention kernels take only
+        # power-of-two head dims, which are also the sizes a Hadamard matrix comes in.
+        pow2 = config.head_dim & (config.head_dim - 1) == 0
+        self.key_rotation = hadamard(config.head_dim, device, dtype) if pow2 else None
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, meta: AttentionMetadata,
                 kv: KVCache, logits_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -76,6 +81,8 @@ class Llama:
             k = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].view(t, cfg.n_kv_heads, cfg.head_dim)
             v = qkv[:, cfg.q_size + cfg.kv_size:].view(t, cfg.n_kv_heads, cfg.head_dim)
             q, k = apply_rope(q, k, positions, self.cos_sin)
+            if kv.dtype == FP8 and self.key_rotation is not None:
+                q, k = torch.matmul(q, self.key_rotation), torch.matmul(k, self.key_rotation)
             write_kv(k, v, kv.k[i], kv.v[i], slots, kv.k_scale[i], kv.v_scale[i])
             attn = self.attention[i](q, kv.k[i], kv.v[i], meta, kv.k_scale[i], kv.v_scale[i])
             h = linear(attn.view(t, cfg.q_size), layer.wo)

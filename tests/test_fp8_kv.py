@@ -1,4 +1,4 @@
-"""The FP8 (e4m3) KV cache: pages with per-token, per-kv-head float32 scales, memory per token, capacity
+"""The FP8 (e4m3) KV cache: pages with per-token, per-kv-head float16 scales, memory per token, capacity
 arithmetic on a Llama-7B shape, generation on the bundled model, and perplexity within +0.5% of a float32 cache."""
 import pytest
 import torch
@@ -18,31 +18,31 @@ def test_fp8_cache_holds_scales_beside_the_pages():
     kv = KVCache(cfg, num_pages=5, dtype=FP8, device=torch.device("cpu"))
     assert kv.k[0].dtype == FP8 and kv.k[0].shape == (5, 16, 3, 64)
     assert len(kv.k_scale) == len(kv.v_scale) == cfg.n_layers
-    assert kv.k_scale[0].dtype == torch.float32 and kv.k_scale[0].shape == (5, 16, 3)
+    assert kv.k_scale[0].dtype == torch.float16 and kv.k_scale[0].shape == (5, 3, 16)
     plain = KVCache(cfg, num_pages=5, dtype=torch.bfloat16, device=torch.device("cpu"))
     assert plain.k_scale == [None] * cfg.n_layers
 
 
 def test_bytes_per_token_and_capacity_on_a_llama_7b_shape():
     """Llama-7B: 32 layers x 32 kv heads x 128. bf16 pages: 2 (K, V) x 32 x 4096 x 2 bytes = 512 KiB a token.
-    FP8: 1 byte a value plus one float32 scale per token per kv head: 256 KiB + 8 KiB = 264 KiB, 0.5156 x bf16;
-    the same memory holds 1.939x the tokens. (Exactly half would need scales that take no bytes per token.)"""
+    FP8: 1 byte a value plus one float16 scale per token per kv head: 256 KiB + 4 KiB = 260 KiB, 0.5078 x bf16;
+    the same memory holds 1.969x the tokens. (Exactly half would need scales that take no bytes per token.)"""
     cfg = ModelConfig.from_name("llama-7b")
     bf16, fp8 = KVCache.bytes_per_token(cfg, torch.bfloat16), KVCache.bytes_per_token(cfg, FP8)
     assert bf16 == 2 * 32 * 4096 * 2 == 524288
-    assert fp8 == 2 * 32 * 4096 * 1 + 2 * 32 * 32 * 4 == 270336
-    assert fp8 / bf16 == (128 + 4) / 256
+    assert fp8 == 2 * 32 * 4096 * 1 + 2 * 32 * 32 * 2 == 266240
+    assert fp8 / bf16 == (128 + 2) / 256
     tokens_32k_fp8 = 32768 * fp8
-    assert tokens_32k_fp8 <= 0.52 * 32768 * bf16  # 8.86 GB against 17.18 GB of bf16 pages for 32K tokens
-    assert round(bf16 / fp8, 3) == 1.939
+    assert tokens_32k_fp8 <= 0.51 * 32768 * bf16  # 8.72 GB against 17.18 GB of bf16 pages for 32K tokens
+    assert round(bf16 / fp8, 3) == 1.969
 
 
 def test_engine_reports_memory_per_token(checkpoint):
     engine = Engine(checkpoint, EngineConfig(device="cpu", kv_dtype="fp8", kv_cache_tokens=1024))
     c = checkpoint.config
-    assert engine.kv_bytes_per_token == 2 * c.n_layers * c.kv_size + 2 * c.n_layers * c.n_kv_heads * 4 == 12240
+    assert engine.kv_bytes_per_token == 2 * c.n_layers * c.kv_size + 2 * c.n_layers * c.n_kv_heads * 2 == 11880
     info = engine.info()
-    assert info["kv_dtype"] == "float8_e4m3fn" and info["kv_bytes_per_token"] == 12240
+    assert info["kv_dtype"] == "float8_e4m3fn" and info["kv_bytes_per_token"] == 11880
     assert Engine(checkpoint, EngineConfig(device="cpu", kv_cache_tokens=1024)).kv_bytes_per_token == 46080
 
 
@@ -82,3 +82,14 @@ def test_fp8_perplexity_within_half_a_percent_of_fp32(checkpoint, llm, lee_path)
     assert ours.tokens_scored == ref.tokens_scored == 2048 - 4
     assert ours.perplexity <= ref.perplexity * 1.005, (ours.perplexity, ref.perplexity)
     assert ours.perplexity != ref.perplexity  # the cache really was quantized
+
+
+def test_hadamard_rotation_is_orthogonal_and_keeps_dot_products():
+    from ringlet.kv_rotation import hadamard
+    h = hadamard(64, torch.device("cpu"), torch.float64)
+    torch.testing.assert_close(h @ h.T, torch.eye(64, dtype=torch.float64))
+    assert torch.equal(h, h.T) and torch.equal(h.abs(), torch.full_like(h, 64 ** -0.5))
+    q, k = torch.randn(5, 64, dtype=torch.float64), torch.randn(7, 64, dtype=torch.float64)
+    torch.testing.assert_close((q @ h) @ (k @ h).T, q @ k.T)
+    with pytest.raises(ValueError, match="power-of-two size, got 48"):
+        hadamard(48, torch.device("cpu"), torch.float32)

@@ -6,7 +6,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (see
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from ringlet.kernels.paged_kv import quantize_fp8_ref  # noqa: E402
+from ringlet.kernels.paged_kv import quantize_fp8_pages_ref, quantize_fp8_ref  # noqa: E402
 
 # Relative tolerance per dtype: two roundings to the dtype (the output, plus one intermediate such as attention
 # probabilities cast for the P @ V product, or a rounding flip between two fp32 summation orders). float32 is
@@ -76,19 +76,19 @@ def _fp8_paged_kv(seq_lens: list[int], kv_heads: int, head_dim: int, page_size: 
     """`_paged_kv` with FP8 pages: keys and values of magnitude ~50 with a few 8x outlier channels (so scales are
     far from 1 and a missing multiply fails), quantized per (token, head) by the reference quantizer.
 
-    Returns (k_cache, v_cache float8_e4m3fn, k_scale, v_scale [num_pages, page_size, kv_heads] float32,
+    Returns (k_cache, v_cache float8_e4m3fn, k_scale, v_scale [num_pages, kv_heads, page_size] float16,
     block_tables, [(k, v) dequantized float32 [seq_len, kv_heads, head_dim] per sequence]); unused rows are NaN.
     """
     k_cache, v_cache, block_tables, dense = _paged_kv(seq_lens, kv_heads, head_dim, torch.float32, page_size,
                                                       spare_pages)
     gain = torch.full((head_dim,), 50.0)
     gain[torch.randperm(head_dim)[:max(1, head_dim // 16)]] = 400.0
-    k8, k_scale = quantize_fp8_ref(k_cache * gain)
-    v8, v_scale = quantize_fp8_ref(v_cache * gain)
+    k8, k_scale = quantize_fp8_pages_ref(k_cache * gain)
+    v8, v_scale = quantize_fp8_pages_ref(v_cache * gain)
     dequant = []
     for k, v in dense:
         (kq, ks), (vq, vs) = quantize_fp8_ref(k * gain), quantize_fp8_ref(v * gain)
-        dequant.append((kq.float() * ks[..., None], vq.float() * vs[..., None]))
+        dequant.append((kq.float() * ks.float()[..., None], vq.float() * vs.float()[..., None]))
     return k8, v8, k_scale, v_scale, block_tables, dequant
 
 

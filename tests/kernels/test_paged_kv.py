@@ -56,7 +56,9 @@ def test_write_kv_fp8(t, hk, dh, dtype):
     slots[1::3] = -1
     shape = (num_pages, PAGE_SIZE, hk, dh)
     k_cache, v_cache = torch.full(shape, float("nan")).to(FP8), torch.full(shape, float("nan")).to(FP8)
-    k_scale, v_scale = torch.full(shape[:3], float("nan")), torch.full(shape[:3], float("nan"))
+    scale_shape = (num_pages, hk, PAGE_SIZE)
+    k_scale = torch.full(scale_shape, float("nan"), dtype=torch.float16)
+    v_scale = torch.full(scale_shape, float("nan"), dtype=torch.float16)
     refs = [x.clone() for x in (k_cache, v_cache, k_scale, v_scale)]
 
     assert write_kv(k, v, k_cache, v_cache, slots, k_scale, v_scale) is None
@@ -73,18 +75,20 @@ def test_write_kv_fp8(t, hk, dh, dtype):
         for row, slot in enumerate(slots.tolist()):
             if slot < 0:
                 continue
-            s = scale.view(-1, hk)[slot]
-            assert torch.equal(s, x[row].float().abs().amax(-1) / 448)
+            s = scale[slot // PAGE_SIZE, :, slot % PAGE_SIZE].float()  # [num_pages, Hk, page_size] layout
+            assert torch.equal(s, (x[row].float().abs().amax(-1) / 448).half().float())
             deq = cache.view(-1, hk, dh)[slot].float() * s[:, None]
-            bound = torch.maximum(x[row].float().abs() * 2 ** -4, s[:, None] * 2 ** -10) * (1 + 1e-6)
+            # The row is divided by the float16-rounded scale, so its amax may land just past 448 and clamp:
+            # 2^-10 of the value more.
+            bound = torch.maximum(x[row].float().abs() * (2 ** -4 + 2 ** -10), s[:, None] * 2 ** -10) * (1 + 1e-6)
             assert ((x[row].float() - deq).abs() <= bound).all()
-    assert torch.equal(k_scale.view(-1, hk)[slots[0]], torch.zeros(hk))
+    assert torch.equal(k_scale[slots[0] // PAGE_SIZE, :, slots[0] % PAGE_SIZE], torch.zeros(hk, dtype=torch.float16))
 
 
 def test_fp8_cache_needs_scales():
     k = torch.randn(2, 2, 16)
     cache = torch.zeros(3, 16, 2, 16, dtype=FP8)
-    scale = torch.zeros(3, 16, 2)
+    scale = torch.zeros(3, 2, 16, dtype=torch.float16)
     slots = torch.zeros(2, dtype=torch.int32)
     with pytest.raises(ValueError, match="k_scale"):
         write_kv(k, k, cache, cache.clone(), slots)
@@ -93,4 +97,6 @@ def test_fp8_cache_needs_scales():
     with pytest.raises(ValueError, match="k_scale"):
         write_kv(k, k, torch.zeros(3, 16, 2, 16), torch.zeros(3, 16, 2, 16), slots, scale, scale)
     with pytest.raises(ValueError, match="v_scale"):
-        write_kv(k, k, cache, cache.clone(), slots, scale, torch.zeros(3, 16, 3))
+        write_kv(k, k, cache, cache.clone(), slots, scale, torch.zeros(3, 16, 2, dtype=torch.float16))
+    with pytest.raises(ValueError, match="k_scale"):
+        write_kv(k, k, cache, cache.clone(), slots, scale.float(), scale)

@@ -3,13 +3,15 @@ import pytest
 import torch
 from ringlet.kernels import DENSE, BlockSparse, Dense, Local, Strided
 
-PATTERNS = [DENSE, Local(1), Local(7), Local(4096), Strided(2, 1), Strided(5, 9), BlockSparse(),
+PATTERNS = [DENSE, Local(1), Local(7), Local(4096), Local(7, sink=3), Strided(2, 1), Strided(5, 9),
+            Strided(5, 9, sink=7), Strided(4, 3, sink=30), BlockSparse(),
             BlockSparse(16, 2, 3), BlockSparse(16, 1, 1)]
 
 
 @pytest.mark.parametrize("make,match", [
     (lambda: Local(0), "window"), (lambda: Local(2.5), "window"), (lambda: Local(True), "window"),
     (lambda: Strided(1, 4), "stride"), (lambda: Strided(4, 0), "window"),
+    (lambda: Local(4, sink=-1), "sink"), (lambda: Strided(4, 4, sink=1.5), "sink"),
     (lambda: BlockSparse(block=32), "block size 32 not supported: kernels support 16"),
     (lambda: BlockSparse(local_blocks=0), "local_blocks"), (lambda: BlockSparse(vert_stride=0), "vert_stride"),
 ])
@@ -29,9 +31,9 @@ def _brute_mask(pattern, q, k, h):
     if k > q:
         return False
     if isinstance(pattern, Local):
-        return q - pattern.window < k
+        return q - pattern.window < k or k < pattern.sink
     if isinstance(pattern, Strided):
-        return q - pattern.window < k or k % pattern.stride == pattern.stride - 1
+        return q - pattern.window < k or k % pattern.stride == pattern.stride - 1 or k < pattern.sink
     if isinstance(pattern, BlockSparse):
         i, j = q // 16, k // 16
         return i - j < pattern.local_blocks or (j + h) % pattern.vert_stride == pattern.vert_stride - 1

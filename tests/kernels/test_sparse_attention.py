@@ -13,13 +13,16 @@ from ringlet.kernels import (
     prefill_attention_ref,
 )
 
-# Windows below a page, larger than every sequence, strided columns a few apart, and block-sparse stripes that
-# differ between the four query heads (vert_stride 3: per-head offsets 0, 1, 2, 0).
+# Windows below a page, larger than every sequence, strided columns a few apart, sink keys (fewer than a stride,
+# and more than a page and several strides), and block-sparse stripes that differ between the four query heads
+# (vert_stride 3: per-head offsets 0, 1, 2, 0).
 PATTERNS = {
     "dense": DENSE,
     "local7": Local(7),
+    "local-sink": Local(7, sink=3),
     "local-wide": Local(4096),
     "strided": Strided(5, 9),
+    "strided-sink": Strided(5, 9, sink=21),
     "block": BlockSparse(16, local_blocks=2, vert_stride=3),
 }
 # Decode: lengths 1, 15, 17 around the page, a padding row, and a few pages. GQA: 4 query heads on 2 kv heads.
@@ -72,7 +75,8 @@ def test_decode_patterns_one_head_per_kv_head(name, kind, paged_kv, fp8_paged_kv
 
 
 @pytest.mark.parametrize("kind", ["fp16", "fp8"])
-@pytest.mark.parametrize("pattern", [DENSE, Local(100), Strided(64, 100), BlockSparse()], ids=str)
+@pytest.mark.parametrize("pattern", [DENSE, Local(100), Local(100, sink=4), Strided(64, 100),
+                                     Strided(64, 100, sink=200), BlockSparse()], ids=str)
 def test_decode_patterns_long(pattern, kind, paged_kv, fp8_paged_kv, assert_close, dense_attention):
     # 1027 keys: many splits and tiles, strided summary columns far left of the window, real vertical stripes.
     _decode(pattern, kind, [1027, 17], 2, 1, 16, paged_kv, fp8_paged_kv, assert_close, dense_attention)
@@ -125,3 +129,18 @@ def test_bad_scales_are_named(paged_kv, fp8_paged_kv):
         decode_attention(q, k_cache, v_cache, tables, lens, 0.25, k_scale=ks, v_scale=vs)
     with pytest.raises(ValueError, match="pattern"):
         decode_attention(q, k_cache, v_cache, tables, lens, 0.25, "local:4")
+
+
+@pytest.mark.parametrize("name", ["dense", "strided-sink"])
+def test_fp8_pages_with_bfloat16_queries(name, fp8_paged_kv, assert_close):
+    # Over FP8 pages the products run in float16 whatever the query dtype, so bf16 queries work in the interpreter.
+    pattern = PATTERNS[name]
+    seq_lens = [17, 50]
+    k8, v8, ks, vs, tables, _ = fp8_paged_kv(seq_lens, HK, 16)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    q = (torch.randn(2, HQ, 16) * 0.02).to(torch.bfloat16)
+    args = (q, k8, v8, tables, lens, 0.25, pattern)
+    assert_close(decode_attention(*args, k_scale=ks, v_scale=vs), decode_attention_ref(*args, k_scale=ks, v_scale=vs))
+    qp = (torch.randn(sum(seq_lens), HQ, 16) * 0.02).to(torch.bfloat16)
+    args = (qp, k8, v8, tables, torch.tensor([0, 17], dtype=torch.int32), lens, lens, 0.25, 50, pattern)
+    assert_close(prefill_attention(*args, k_scale=ks, v_scale=vs), prefill_attention_ref(*args, k_scale=ks, v_scale=vs))
