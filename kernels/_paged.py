@@ -56,8 +56,6 @@ def attend_tile(
     APPLY_SEEN: tl.constexpr,  # apply `seen` (else every query sees every valid key)
     HAS_SCALE: tl.constexpr,  # FP8 cache: dequantize with the per-(token, head) scales
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 queries, else ignored
-    USE_DOT: tl.constexpr = True,  # tensor-core products; False (M == 1 only): float32 multiply-and-sum, which
-    # lets the compiler load the tile in wide, coalesced rows (decode of one query head is a GEMV)
 ):
     """One flash-attention step over a gathered tile of keys; returns the updated (acc, l_i, m_i)."""
     slots = rows * num_kv_heads + kv_head
@@ -71,10 +69,7 @@ def attend_tile(
         scale_idx = ((rows // PAGE_SIZE) * num_kv_heads + kv_head) * PAGE_SIZE + rows % PAGE_SIZE
         k_scale = tl.load(k_scale_ptr + scale_idx, mask=valid, other=0.0).to(tl.float32)
         v_scale = tl.load(v_scale_ptr + scale_idx, mask=valid, other=0.0).to(tl.float32)
-    if USE_DOT:
-        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
-    else:
-        qk = tl.sum(k.to(tl.float32) * q.to(tl.float32), 1)[None, :]
+    qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
     if HAS_SCALE:
         qk = qk * (k_scale * qk_scale)[None, :]
     else:
@@ -93,16 +88,11 @@ def attend_tile(
         v = tl.load(v_cache_ptr + ptrs, mask=valid[:, None], other=0.0)
     else:
         v = tl.load(v_cache_ptr + ptrs)
-    if USE_DOT:
-        if HAS_SCALE:
-            p = p * (v_scale * FP8_MAX)[None, :]
-            pv = tl.dot(p.to(q.dtype), v.to(q.dtype)) * (1.0 / FP8_MAX)
-        else:
-            pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    if HAS_SCALE:
+        p = p * (v_scale * FP8_MAX)[None, :]
+        pv = tl.dot(p.to(q.dtype), v.to(q.dtype)) * (1.0 / FP8_MAX)
     else:
-        if HAS_SCALE:
-            p = p * v_scale[None, :]
-        pv = tl.sum(tl.sum(p, 0)[:, None] * v.to(tl.float32), 0)[None, :]
+        pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
     acc = acc * alpha[:, None] + pv
     return acc, l_i, m_new
 

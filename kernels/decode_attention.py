@@ -31,8 +31,47 @@ from .patterns import (
 _PROGRAMS_PER_SM = 4
 # Never split finer than this many keys: each split's partial costs a write and a read in the merge.
 _MIN_SPLIT_KEYS = 128
+# Up to this many visited keys (a local window, a short prompt), when the batch alone nearly fills the GPU, one
+# program per head takes them all: splitting would save less than the merge kernel costs (H200, local:256 at
+# B=16: 20 us against 24 us split in two). At batch 1 splitting still pays (9 us against 7 us).
+_ONE_SPLIT_KEYS = 512
 # Off the GPU (the interpreter in tests) use a fixed split count, so the merge of several partials is exercised.
 _SPLITS_OFF_GPU = 4
+
+
+@triton.jit
+def _attend_rows(
+    acc, l_r, m_r,  # per-row running output [BLOCK_N, Dh], softmax denominators and maxima [BLOCK_N] (log2)
+    q,  # [Dh] float32: the program's one query
+    rows, valid,  # [BLOCK_N] flat cache rows of the tile's keys, and which exist
+    k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, kv_head, num_kv_heads, qk_scale, dims,
+    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
+):
+    """One step of one query head over a tile of keys, without cross-row reductions: row slot r keeps its own
+    running max, denominator and output over the keys that pass through it (keys r, r + BLOCK_N, ...), merged
+    once at the end (after the loop). The only reduction per tile is each score's dot product along Dh."""
+    slots = rows * num_kv_heads + kv_head
+    ptrs = slots[:, None] * HEAD_DIM + dims[None, :]
+    k = tl.load(k_cache_ptr + ptrs, mask=valid[:, None], other=0.0)
+    v = tl.load(v_cache_ptr + ptrs, mask=valid[:, None], other=0.0)
+    qk = tl.sum(k.to(tl.float32) * q[None, :], 1)
+    if HAS_SCALE:
+        scale_idx = ((rows // PAGE_SIZE) * num_kv_heads + kv_head) * PAGE_SIZE + rows % PAGE_SIZE
+        k_scale = tl.load(k_scale_ptr + scale_idx, mask=valid, other=0.0).to(tl.float32)
+        v_scale = tl.load(v_scale_ptr + scale_idx, mask=valid, other=0.0).to(tl.float32)
+        qk = qk * (k_scale * qk_scale)
+    else:
+        qk = qk * qk_scale
+    qk = tl.where(valid, qk, float("-inf"))
+    m_new = tl.maximum(m_r, qk)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_r - m_safe)
+    p = tl.exp2(qk - m_safe)
+    l_r = l_r * alpha + p
+    if HAS_SCALE:
+        p = p * v_scale
+    acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
+    return acc, l_r, m_new
 
 
 @triton.jit
@@ -64,7 +103,7 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,  # keys per inner step
     HAS_SCALE: tl.constexpr,  # FP8 cache with scales
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs, else ignored
-    USE_DOT: tl.constexpr,  # tensor-core products (else multiply-and-sum; HEADS == BLOCK_G == 1 only)
+    USE_DOT: tl.constexpr,  # attend_tile's tensor-core products, else _attend_rows (HEADS == BLOCK_G == 1 only)
     DIRECT: tl.constexpr,  # one split: write the normalized output straight to o_part_ptr, no merge
 ):
     seq = tl.program_id(0)
@@ -98,9 +137,15 @@ def _decode_split_kernel(
     end = tl.minimum(start + split_len, visited)
 
     table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    if not USE_DOT:
+        acc_r = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        l_r = tl.zeros([BLOCK_N], dtype=tl.float32)
+        m_r = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+        q_row = tl.sum(q.to(tl.float32), 0)  # the one query head (BLOCK_G == 1)
+    else:
+        acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     for v0 in range(start, end, BLOCK_N):
         v = v0 + tl.arange(0, BLOCK_N)
         valid = v < end
@@ -108,9 +153,21 @@ def _decode_split_kernel(
         if PATTERN == BLOCK_SPARSE_ID:
             valid = valid & (keys < seq_len)  # the diagonal block runs past the query
         rows = cache_rows(table_ptr, keys, valid, PAGE_SIZE, True)
-        acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, rows, valid, valid[None, :], k_cache_ptr, v_cache_ptr,
-                                    k_scale_ptr, v_scale_ptr, kv_head, num_kv_heads, qk_scale, dims,
-                                    HEAD_DIM, PAGE_SIZE, True, False, HAS_SCALE, DOT_PRECISION, USE_DOT)
+        if not USE_DOT:
+            acc_r, l_r, m_r = _attend_rows(acc_r, l_r, m_r, q_row, rows, valid, k_cache_ptr, v_cache_ptr,
+                                           k_scale_ptr, v_scale_ptr, kv_head, num_kv_heads, qk_scale, dims,
+                                           HEAD_DIM, PAGE_SIZE, HAS_SCALE)
+        else:
+            acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, rows, valid, valid[None, :], k_cache_ptr, v_cache_ptr,
+                                        k_scale_ptr, v_scale_ptr, kv_head, num_kv_heads, qk_scale, dims,
+                                        HEAD_DIM, PAGE_SIZE, True, False, HAS_SCALE, DOT_PRECISION)
+    if not USE_DOT:
+        # Merge the row slots: rescale each to the overall max (slots that saw no key have m = -inf, weight 0).
+        m_all = tl.max(m_r, 0)
+        weights = tl.exp2(m_r - tl.where(m_all == float("-inf"), 0.0, m_all))
+        l_i = tl.sum(l_r * weights, 0)[None]
+        m_i = m_all[None]
+        acc = tl.sum(acc_r * weights[:, None], 0)[None, :]
 
     nonempty = l_i > 0
     lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
@@ -152,22 +209,26 @@ def _num_splits(batch: int, programs_per_seq: int, max_visited: int, block_n: in
     if device.type != "cuda":
         return max(1, min(_SPLITS_OFF_GPU, triton.cdiv(max_visited, block_n)))
     wanted = triton.cdiv(_PROGRAMS_PER_SM * sm_count(device), batch * programs_per_seq)
+    if max_visited <= _ONE_SPLIT_KEYS and wanted <= 2:
+        return 1
     return max(1, min(wanted, triton.cdiv(max_visited, _MIN_SPLIT_KEYS)))
 
 
-def _config(head_dim: int, dtype: torch.dtype, device: torch.device, fp8: bool,
-            heads: int) -> tuple[int, int, int, bool]:
-    """(BLOCK_N, num_warps, num_stages, USE_DOT) for this head size, query dtype, cache kind and query heads per
-    program. One head per program is a GEMV: without tl.dot the compiler loads the tile in wide rows (tl.dot's
-    operand layout loads FP8 a few bytes per thread)."""
+def _config(head_dim: int, dtype: torch.dtype, device: torch.device, fp8: bool, heads: int,
+            batch: int) -> tuple[int, int, int, bool]:
+    """(BLOCK_N, num_warps, num_stages, USE_DOT) for this head size, query dtype, cache kind, query heads per
+    program and batch. One head per program is a GEMV: without tl.dot (_attend_rows) the compiler loads the tile
+    in wide rows (tl.dot's operand layout loads FP8 a few bytes per thread, and an FP8 key tile would need a
+    transposed tensor-core operand)."""
     if device.type != "cuda":
         return 16, 4, 1, heads > 1
     if dtype == torch.float32 or head_dim > 128:
         return 32, 4, 2, True
     if fp8 and heads == 1:
-        # H200, 32K context, 32 heads, B=1 / B=16 (bench/results/attention-*): multiply-and-sum over 256-key tiles
-        # 124 / 1663 us; BLOCK_N 128: 169 / 1976 us; tl.dot (float16) at best 166 / 2106 us; 8 warps slower.
-        return 256, 4, 2, False
+        # H200, 32K context, 32 heads x 128 (one run, SDPA 138 / 1856 us): row state over 16-key tiles with 8
+        # warps 126 us at B=1, 32-key tiles 1406 us at B=16; multiply-and-sum with one running max over 256-key
+        # tiles 150 / 1684 us; tl.dot for both products at best 166 / 2106 us (an earlier run).
+        return (16, 8, 3, False) if batch < 8 else (32, 8, 2, False)
     return 64, 4, 3, True  # bf16 at 32K, B=1: 129 us (4.2 TB/s); multiply-and-sum: 176-367 us
 
 
@@ -216,7 +277,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     else:
         ids = counts = block_tables  # unused
         max_visited, heads = summary_bound(pattern, max_keys), group
-    block_n, num_warps, num_stages, use_dot = _config(dh, q.dtype, q.device, has_scale, heads)
+    block_n, num_warps, num_stages, use_dot = _config(dh, q.dtype, q.device, has_scale, heads, b)
     splits = _num_splits(b, hq // heads, max_visited, block_n, q.device)
     split_len = triton.cdiv(triton.cdiv(max_visited, splits), block_n) * block_n
     splits = triton.cdiv(max_visited, split_len)
