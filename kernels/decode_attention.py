@@ -225,10 +225,10 @@ def _config(head_dim: int, dtype: torch.dtype, device: torch.device, fp8: bool, 
     if dtype == torch.float32 or head_dim > 128:
         return 32, 4, 2, True
     if fp8 and heads == 1:
-        # H200, 32K context, 32 heads x 128 (one run, SDPA 138 / 1856 us): row state over 16-key tiles with 8
-        # warps 126 us at B=1, 32-key tiles 1406 us at B=16; multiply-and-sum with one running max over 256-key
-        # tiles 150 / 1684 us; tl.dot for both products at best 166 / 2106 us (an earlier run).
-        return (16, 8, 3, False) if batch < 8 else (32, 8, 2, False)
+        # H200, 32K context, 32 heads x 128, dense: at B=16 row state over 32-key tiles with 8 warps takes 1393 us
+        # (SDPA on bf16 1847 us; one running max over 256-key tiles 1679 us; tl.dot for both products at best
+        # 2106 us); at B=1 128-key tiles with 4 warps and 4 stages are the best row-state shape in a sweep.
+        return (128, 4, 4, False) if batch < 8 else (32, 8, 2, False)
     return 64, 4, 3, True  # bf16 at 32K, B=1: 129 us (4.2 TB/s); multiply-and-sum: 176-367 us
 
 

@@ -64,7 +64,7 @@ def test_generate_json_reports_attention_and_kv_memory():
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)["info"]
     assert info["attention"] == "local:64;0=dense" and info["kv_dtype"] == "float8_e4m3fn"
-    assert info["kv_bytes_per_token"] == 12240  # 2 x 30 layers x 3 kv heads x (64 + 4 scale bytes)
+    assert info["kv_bytes_per_token"] == 11880  # 2 x 30 layers x 3 kv heads x (64 + 2 scale bytes)
 
 
 def test_eval_json_reports_the_pattern(lee_path):
@@ -72,7 +72,7 @@ def test_eval_json_reports_the_pattern(lee_path):
                   "--attention", "strided:8,16", "--kv-dtype", "fp8", "--rope-scaling", "yarn:2")
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)
-    assert res["attention"] == "strided:8,16" and res["kv_bytes_per_token"] == 12240
+    assert res["attention"] == "strided:8,16" and res["kv_bytes_per_token"] == 11880
     assert res["rope_scaling"] == "yarn:2" and res["tokens_scored"] == 126 and res["perplexity"] > 1
 
 
