@@ -12,6 +12,8 @@ from .prefill_attention import prefill_attention, prefill_attention_ref
 from .rms_norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 from .rope import apply_rope, apply_rope_ref, rope_cos_sin
 from .silu_mul import silu_mul, silu_mul_ref
+from .quant_formats import Int4Weight, Int8Weight, TernaryWeight
+from .quant_gemm import quant_linear, quant_linear_ref
 
 __all__ = [
     "DENSE",
@@ -38,4 +40,9 @@ __all__ = [
     "use_triton",
     "write_kv",
     "write_kv_ref",
+    "Int4Weight",
+    "Int8Weight",
+    "TernaryWeight",
+    "quant_linear",
+    "quant_linear_ref",
 ]

@@ -82,6 +82,9 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     # The loaders import this module's shared pieces, so they are imported here, on use.
     if path.is_dir():
         if (path / "config.json").is_file():
+            from .quant.checkpoint import load_quantized_dir, quantization_kind
+            if quantization_kind(path) is not None:  # ringlet's own, AutoGPTQ or AutoAWQ
+                return load_quantized_dir(path, dtype)
             from .hf_loader import load_hf_dir
             return load_hf_dir(path, dtype)
         raise CheckpointError(f"{path}: directory has no config.json; expected {expected}")

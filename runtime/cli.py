@@ -22,6 +22,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="KV cache dtype (auto: the model's; fp8: e4m3 pages with per-token scales)")
     p.add_argument("--rope-scaling", help="linear:F, ntk:F or yarn:F (stretches RoPE and the usable context F "
                                           "times), or none (default: the checkpoint's)")
+    p.add_argument("--quant", help="quantize at load with a quick method: rtn-int8, rtn-int4[:group_size=G,sym=false] "
+                                   "or bitnet (gptq/awq/mixed/auto: use the quantize command)")
     p.add_argument("--max-model-len", type=int, help="longest context to serve (default: the model's)")
     p.add_argument("--kv-cache-tokens", type=int, help="KV cache size in tokens (default: from free memory)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -52,21 +54,41 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(chat, temperature=0.7)
     _add_model_flags(chat)
 
-    ev = sub.add_parser("eval", help="quality: perplexity over a text file")
-    ev.add_argument("file", nargs="?", help="text file (or --data)")
-    ev.add_argument("--data", help="text file")
-    ev.add_argument("--metric", choices=["perplexity"], default="perplexity")
+    ev = sub.add_parser("eval", help="quality: perplexity over a text file, or multiple-choice accuracy")
+    ev.add_argument("file", nargs="?", help="text file, or JSONL of choice items (or --data)")
+    ev.add_argument("--data", help="text file, or JSONL of choice items")
+    ev.add_argument("--metric", choices=["perplexity", "choice"], default="perplexity")
+    ev.add_argument("--limit-items", type=int, help="choice: score only the first N items")
     ev.add_argument("--context", type=int, default=512, help="window length in tokens")
     ev.add_argument("--limit-tokens", type=int, help="score only the first N tokens of the file")
     ev.add_argument("--json", action="store_true", help="print only the JSON result")
     _add_model_flags(ev)
+
+    q = sub.add_parser("quantize", help="write a quantized checkpoint with its measured quality")
+    q.add_argument("--method", required=True, help="rtn-int8, rtn-int4, gptq, awq, bitnet, mixed or auto, "
+                                                   "optionally with options: METHOD:key=value,...")
+    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--bits", type=int, help="weight bits (4 for rtn-int4/gptq/awq)")
+    q.add_argument("--group-size", type=int, help="int4 group size: 32, 64 or 128")
+    q.add_argument("--sym", choices=["true", "false"], help="symmetric int4 grid (rtn-int4, gptq, awq)")
+    q.add_argument("--budget", type=float, help="mixed/auto: allowed held-out perplexity increase (0.01 = +1%%)")
+    q.add_argument("--embeddings", choices=["bf16", "int8"], help="token embedding / output head storage "
+                                                                   "(default bf16; not for auto: per candidate)")
+    q.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
+    q.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens measured (default 2048)")
+    q.add_argument("--calib-file", help="calibration text (default: gensim's lee_background.cor)")
+    q.add_argument("--model", default="default", help="the model to quantize")
+    q.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    from .batch import add_parser as add_batch_parser
+    add_batch_parser(sub, _add_model_flags, _add_sampling_flags)
     return parser
 
 
 def _llm(args):
     from .api import LLM
     return LLM(args.model, attention=args.attention, kv_dtype=args.kv_dtype, rope_scaling=args.rope_scaling,
-               device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+               device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, quant=args.quant,
                kv_cache_tokens=args.kv_cache_tokens)
 
 
@@ -134,6 +156,8 @@ def cmd_eval(args) -> int:
     path = args.data or args.file
     if not path:
         raise RingletError("eval needs a text file (positional FILE or --data FILE)")
+    if args.metric == "choice":
+        return _eval_choice(args, path)
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -151,14 +175,53 @@ def cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval}
+def _eval_choice(args, path: str) -> int:
+    from .choice import evaluate, read_items
+    items = read_items(path)[:args.limit_items]
+    llm = _llm(args)
+    start = time.perf_counter()
+    result = evaluate(llm.engine, items).to_dict()
+    result.update(metric="choice", file=path, model=args.model, quant=args.quant,
+                  seconds=round(time.perf_counter() - start, 2))
+    if not args.json:
+        print(f"accuracy {result['accuracy']:.4f} (per-byte normalised {result['accuracy_norm']:.4f}) over "
+              f"{result['items']} items, chance {result['chance']:.2f}", file=sys.stderr)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .quant import get_method, parse_method, quantize_model, save_quantized
+    spec = parse_method(args.method)
+    options = {k: v for k, v in spec.to_dict().items() if k != "method"}
+    flags = {"bits": args.bits, "group_size": args.group_size, "budget": args.budget, "embeddings": args.embeddings,
+             "sym": None if args.sym is None else args.sym == "true"}
+    method = get_method(spec.name, **{**options, **{k: v for k, v in flags.items() if v is not None}})
+    checkpoint = load_checkpoint(args.model)
+    qm = quantize_model(checkpoint, method, args.calib_file, args.calib_tokens, args.eval_tokens)
+    save_quantized(qm, checkpoint, args.out)
+    q = qm.quality
+    print(json.dumps({"out": args.out, "method": qm.method, **{k: v for k, v in q.items() if k != "sensitivity"}}))
+    return 0
+
+
+def cmd_batch(args) -> int:
+    from .batch import cmd_batch as run
+    return run(args)
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "quantize": cmd_quantize,
+            "batch": cmd_batch}
+# Commands every rank runs (they split the work over MPI); the others run on rank 0 alone.
+MULTI_RANK = {"batch"}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         from ringlet.mpi.ranks import discover
-        if discover().rank != 0:
+        if args.command not in MULTI_RANK and discover().rank != 0:
             return 0  # multi-rank work arrives with tensor/data parallelism; other ranks have nothing to do yet
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

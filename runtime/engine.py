@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -28,6 +29,8 @@ class EngineConfig:
     kv_dtype: "auto" (the model's dtype), "bf16", "fp16", "fp32" or "fp8" (e4m3 pages with per-token scales).
     rope_scaling: None (the checkpoint's own), "none", or "TYPE:FACTOR" for `config.parse_rope_scaling`
     (linear:4, ntk:4, yarn:4), which also raises the usable context to factor x the trained context.
+    quant: None, or a quick quantization method applied at load ("rtn-int8", "rtn-int4:group_size=64,sym=false",
+    "bitnet"); calibrated methods (gptq, awq, mixed, auto) go through `python -m ringlet quantize`.
     """
 
     device: str | None = None
@@ -35,6 +38,7 @@ class EngineConfig:
     attention: str = "dense"
     kv_dtype: str = "auto"
     rope_scaling: str | RopeScaling | None = None
+    quant: str | None = None
     max_model_len: int | None = None
     kv_cache_tokens: int | None = None
     gpu_memory_utilization: float = 0.9
@@ -117,7 +121,10 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
 class Engine:
     """Holds the model, the KV cache and the scheduler; `step()` advances every running request by one step."""
 
-    def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None):
+    def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None,
+                 shard: Callable[[Llama], Llama] | None = None):
+        """`shard`, when given, is called with the built model and returns the part this rank runs (tensor
+        parallel: `ringlet.mpi.tp.apply_tp`); the KV cache then holds that model's (local) KV heads."""
         cfg = config or EngineConfig()
         self.config = cfg
         self.device = resolve_device(cfg.device)
@@ -130,8 +137,14 @@ class Engine:
         if cfg.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be >= 1, got {cfg.max_num_seqs}")
         self.tokenizer = checkpoint.tokenizer
-        self.model = Llama(self.model_config, checkpoint.weights, self.device, self.dtype, patterns)
-        self.kv = KVCache(self.model_config, self._num_pages(cfg), self.kv_dtype, self.device)
+        weights = checkpoint.weights
+        if cfg.quant is not None:
+            from .quant import parse_method, quantize_at_load
+            weights = quantize_at_load(weights, self.model_config, parse_method(cfg.quant))
+        self.model = Llama(self.model_config, weights, self.device, self.dtype, patterns)
+        if shard is not None:
+            self.model = shard(self.model)
+        self.kv = KVCache(self.model.config, self._num_pages(cfg), self.kv_dtype, self.device)
         self.max_model_len = min(cfg.max_model_len or self.model_config.max_context, self.kv.capacity_tokens)
         batched = cfg.max_num_batched_tokens or (2048 if self.device.type == "cuda" else 512)
         if batched < cfg.max_num_seqs:
@@ -150,7 +163,7 @@ class Engine:
         return cls(load_checkpoint(path), config)
 
     def _num_pages(self, cfg: EngineConfig) -> int:
-        per_token = KVCache.bytes_per_token(self.model_config, self.kv_dtype)
+        per_token = KVCache.bytes_per_token(self.model.config, self.kv_dtype)
         if cfg.kv_cache_tokens is not None:
             tokens = cfg.kv_cache_tokens
         elif self.device.type == "cuda":
@@ -167,7 +180,7 @@ class Engine:
     @property
     def kv_bytes_per_token(self) -> int:
         """KV cache bytes one token takes over all layers (an FP8 cache's scales included)."""
-        return KVCache.bytes_per_token(self.model_config, self.kv_dtype)
+        return KVCache.bytes_per_token(self.model.config, self.kv_dtype)
 
     def info(self) -> dict:
         """What this engine runs with, for reports: attention patterns, KV dtype and bytes per token, RoPE."""

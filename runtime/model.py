@@ -1,16 +1,68 @@
-"""The Llama forward pass over ringlet.kernels, reading and writing the paged KV cache."""
+"""The Llama forward pass over ringlet.kernels, reading and writing the paged KV cache.
+
+A projection weight is one of (`Linear`): a dense tensor [N, K]; a quantized weight of `kernels.quant_gemm`
+(Int8Weight, Int4Weight, TernaryWeight), run through `quant_linear`; or a tuple of those whose outputs are
+concatenated (AutoGPTQ/AutoAWQ checkpoints keep q/k/v and gate/up apart, each with its own act-order, so they
+stay separate parts of the fused projection). ringlet's own quantizers quantize the fused wqkv and w13 matrices.
+The token embedding (and the output head, tied to it or not) is a dense tensor or a per-row Int8Weight (`embed`).
+"""
 from __future__ import annotations
+
+from typing import Callable, Union
 
 import torch
 
 from ringlet.kernels import apply_rope, fused_add_rms_norm, linear, rms_norm, rope_cos_sin, silu_mul, write_kv
 from ringlet.kernels.patterns import DENSE
+from ringlet.kernels.quant_formats import Int8Weight, unpack_fields
+from ringlet.kernels.quant_gemm import quant_linear
 
 from .attention import Attention, AttentionMetadata, Pattern
 from .config import ModelConfig
 from .errors import CheckpointError
 from .kv_cache import FP8, KVCache
 from .kv_rotation import hadamard
+
+
+Linear = Union[torch.Tensor, object, tuple]
+
+# The four projections of a decoder block, by the names `Llama.observer` and quantized weight dicts use
+# (after "layers.{i}."): fused QKV [q+2kv, dim], O [dim, q], fused gate/up [2*ffn, dim], down [dim, ffn].
+LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
+
+
+def project(x: torch.Tensor, w: Linear) -> torch.Tensor:
+    """x [T, K] -> x @ W^T [T, N] in x.dtype, for any `Linear`."""
+    if isinstance(w, torch.Tensor):
+        return linear(x, w)
+    if isinstance(w, tuple):
+        return torch.cat([project(x, part) for part in w], dim=-1)
+    return quant_linear(x, w)
+
+
+def embed(w: torch.Tensor | Int8Weight, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows `tokens` [T] int64 of the embedding w [vocab, dim] (dense, or per-row Int8Weight) -> [T, dim] dtype.
+    An Int8Weight's rows are independent, so the lookup gathers packed rows and unpacks only those."""
+    if isinstance(w, torch.Tensor):
+        return w[tokens]
+    codes = unpack_fields(w.qweight[tokens], w.BITS, w.layout_group) - w.OFFSET
+    return (codes.float() * w.scales[tokens].float()[:, None]).to(dtype)
+
+
+def fuse_dense(weights: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    """Layer i's four projections (LINEARS names, full "layers.{i}." prefix) fused from the per-projection
+    checkpoint tensors."""
+    p = f"layers.{i}."
+    cat = [[p + "attention.wq.weight", p + "attention.wk.weight", p + "attention.wv.weight"],
+           [p + "attention.wo.weight"], [p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"],
+           [p + "feed_forward.w2.weight"]]
+    out = {}
+    for kind, names in zip(LINEARS, cat):
+        missing = [n for n in names if n not in weights]
+        if missing:
+            raise CheckpointError(f"missing tensor {missing[0]!r}")
+        out[p + kind] = torch.cat([weights[n] for n in names]) if len(names) > 1 else weights[names[0]]
+    return out
 
 
 class LlamaLayer:
@@ -26,26 +78,40 @@ class Llama:
 
     `patterns` gives each layer its attention pattern (default: dense everywhere); the RoPE table covers
     `config.max_context` positions under `config.rope_scaling`.
+
+    `weights` holds either the per-projection checkpoint tensors (attention.wq.weight, ...) or, per layer, the
+    four fused `LINEARS` entries ("layers.{i}.attention.wqkv", ...) as any `Linear` (a quantized checkpoint).
+    `observer`, when set, is called as observer(name, x) with the input x [T, K] of every projection (calibration).
+    `comm`, when set (tensor parallel: `ringlet.mpi.tp.apply_tp` shards the model and sets it), is any object with
+    `all_reduce(tensor) -> tensor` that sums over the ranks in place; it runs after the row-parallel wo and w2.
     """
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device,
                  dtype: torch.dtype, patterns: list[Pattern] | None = None):
         self.config, self.device, self.dtype = config, device, dtype
+        self.observer: Callable[[str, torch.Tensor], None] | None = None
+        self.comm = None
 
-        def take(name: str) -> torch.Tensor:
+        def place(w: Linear) -> Linear:
+            if isinstance(w, torch.Tensor):
+                return w.to(device=device, dtype=dtype).contiguous()
+            if isinstance(w, tuple):
+                return tuple(place(part) for part in w)
+            return w.to(device)
+
+        def take(name: str) -> Linear:
             if name not in weights:
                 raise CheckpointError(f"missing tensor {name!r}")
-            return weights[name].to(device=device, dtype=dtype).contiguous()
+            return place(weights[name])
 
-        self.tok_embeddings = take("tok_embeddings.weight")
+        self.tok_embeddings = take("tok_embeddings.weight")  # dense or Int8Weight (see `embed`)
         self.layers = []
         for i in range(config.n_layers):
             p = f"layers.{i}."
-            wqkv = torch.cat([take(p + "attention.wq.weight"), take(p + "attention.wk.weight"),
-                              take(p + "attention.wv.weight")])
-            w13 = torch.cat([take(p + "feed_forward.w1.weight"), take(p + "feed_forward.w3.weight")])
-            self.layers.append(LlamaLayer(wqkv, take(p + "attention.wo.weight"), w13,
-                                          take(p + "feed_forward.w2.weight"), take(p + "attention_norm.weight"),
+            fused = {k: weights[p + k] for k in LINEARS if p + k in weights}
+            if len(fused) != len(LINEARS):
+                fused = {k.removeprefix(p): w for k, w in fuse_dense(weights, i).items()}
+            self.layers.append(LlamaLayer(*(place(fused[k]) for k in LINEARS), take(p + "attention_norm.weight"),
                                           take(p + "ffn_norm.weight")))
         self.norm = take("norm.weight")
         self.output = self.tok_embeddings if config.tie_embeddings else take("output.weight")
@@ -69,14 +135,14 @@ class Llama:
         """
         cfg = self.config
         t = tokens.shape[0]
-        h = self.tok_embeddings[tokens]
+        h = embed(self.tok_embeddings, tokens, self.dtype)
         residual = None
         for i, layer in enumerate(self.layers):
             if residual is None:
                 x, residual = rms_norm(h, layer.attention_norm, cfg.rms_eps), h
             else:
                 x, residual = fused_add_rms_norm(h, residual, layer.attention_norm, cfg.rms_eps)
-            qkv = linear(x, layer.wqkv)
+            qkv = self._project(i, 0, x, layer.wqkv)
             q = qkv[:, :cfg.q_size].view(t, cfg.n_heads, cfg.head_dim)
             k = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].view(t, cfg.n_kv_heads, cfg.head_dim)
             v = qkv[:, cfg.q_size + cfg.kv_size:].view(t, cfg.n_kv_heads, cfg.head_dim)
@@ -85,13 +151,22 @@ class Llama:
                 q, k = torch.matmul(q, self.key_rotation), torch.matmul(k, self.key_rotation)
             write_kv(k, v, kv.k[i], kv.v[i], slots, kv.k_scale[i], kv.v_scale[i])
             attn = self.attention[i](q, kv.k[i], kv.v[i], meta, kv.k_scale[i], kv.v_scale[i])
-            h = linear(attn.view(t, cfg.q_size), layer.wo)
+            h = self._project(i, 1, attn.view(t, cfg.q_size), layer.wo)
+            if self.comm is not None:
+                h = self.comm.all_reduce(h)
             x, residual = fused_add_rms_norm(h, residual, layer.ffn_norm, cfg.rms_eps)
-            h = linear(silu_mul(linear(x, layer.w13)), layer.w2)
+            h = self._project(i, 3, silu_mul(self._project(i, 2, x, layer.w13)), layer.w2)
+            if self.comm is not None:
+                h = self.comm.all_reduce(h)
         if logits_index is not None:
             h, residual = h[logits_index], residual[logits_index]
         x, _ = fused_add_rms_norm(h, residual, self.norm, cfg.rms_eps)
-        return linear(x, self.output).float()
+        return project(x, self.output).float()
+
+    def _project(self, layer: int, which: int, x: torch.Tensor, w: Linear) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(f"layers.{layer}.{LINEARS[which]}", x)
+        return project(x, w)
 
 
 def random_weights(config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0

@@ -372,11 +372,16 @@ def test_hf_missing_tensor(tmp_path, tiny_ckpt):
 def test_hf_unsupported_config_values(tmp_path, tiny_ckpt):
     cases = {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "hidden_act": "gelu",
              "attention_bias": True, "mlp_bias": True, "rope_parameters": {"rope_type": "longrope", "factor": 4.0},
-             "sliding_window": 64, "quantization_config": {"quant_method": "gptq"}}
+             "sliding_window": 64}
     for key, value in cases.items():
         directory = write_hf_dir(tmp_path / key, tiny_ckpt, config_overrides={key: value})
         with pytest.raises(ConfigError, match=rf"{key}[/\\]config\.json: {key}="):
             load_checkpoint(directory)
+    # GPTQ, AWQ and ringlet's own quantized directories load (tests/test_quant_checkpoint.py); others are refused.
+    directory = write_hf_dir(tmp_path / "bnb", tiny_ckpt,
+                             config_overrides={"quantization_config": {"quant_method": "bitsandbytes"}})
+    with pytest.raises(ConfigError, match=r"bnb[/\\]config\.json: quantization_config\.quant_method='bitsandbytes'"):
+        load_checkpoint(directory)
     directory = write_hf_dir(tmp_path / "v5", tiny_ckpt, config_overrides={
         "rope_theta": None, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}})
     assert load_checkpoint(directory).config.rope_theta == 5e5
