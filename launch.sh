@@ -163,4 +163,33 @@ case $impl in
         args+=(-bind-to none)
         ;;
 esac
-exec "$mpirun_path" "${args[@]}" "${extra[@]}" "${cmd[@]}"
+if [[ $impl != mpich ]]; then
+    exec "$mpirun_path" "${args[@]}" "${extra[@]}" "${cmd[@]}"
+fi
+# Hydra reports a rank that died by its PID only (on stdout: "PID 1234 RUNNING AT node1 / EXIT CODE: 9") and ends
+# the other ranks at once, before they could say anything. ringlet's rank 0 writes "PID HOST RANK" lines to
+# RINGLET_RANK_MAP at start-up; this filter passes both streams through unchanged and adds one line naming the rank
+# on stderr.
+rank_map=$(mktemp "${TMPDIR:-/tmp}/ringlet-ranks.XXXXXX")
+export RINGLET_RANK_MAP=$rank_map
+trap 'rm -f "$rank_map"' EXIT
+name_rank='
+    { print; fflush() }
+    /^=+ +PID [0-9]+ RUNNING AT / { pid = $3; host = $6 }
+    /^=+ +EXIT CODE: / && pid != "" {
+        rank = ""
+        while ((getline line < map) > 0) { split(line, f, " "); if (f[1] == pid) rank = f[3] }
+        close(map)
+        if (rank != "") {
+            how = ($4 == 9 || $4 == 137) ? "was killed (SIGKILL)" : "exited with code " $4
+            print "ringlet: rank " rank " (pid " pid " on " host ") " how "; mpirun ended the other ranks" > "/dev/stderr"
+            fflush("/dev/stderr")
+        }
+        pid = ""
+    }'
+set +e
+"$mpirun_path" "${args[@]}" "${extra[@]}" "${cmd[@]}" \
+    > >(awk -v map="$rank_map" "$name_rank") 2> >(awk -v map="$rank_map" "$name_rank" >&2)
+rc=$?
+wait  # for the filters to flush
+exit $rc

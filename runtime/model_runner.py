@@ -1,6 +1,8 @@
 """Builds each step's input tensors from scheduled sequences and runs the model on them."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .attention import AttentionMetadata
@@ -15,6 +17,8 @@ class ModelRunner:
 
     def __init__(self, model: Llama, kv: KVCache, max_model_len: int, max_num_seqs: int, cuda_graphs: bool):
         self.model, self.kv = model, kv
+        # Called with each forward's plan before it runs (tensor parallel: the leader broadcasts it).
+        self.on_plan: Callable[[dict], None] | None = None
         self.device = model.device
         self.max_pages = kv.pages_needed(max_model_len)
         self.graphs = DecodeGraphs(self._decode_forward, max_num_seqs, self.max_pages, self.device) \
@@ -27,15 +31,27 @@ class ModelRunner:
         ps = self.kv.page_size
         return [pages[p // ps] * ps + p % ps for p in range(start, start + n)]
 
-    def _block_table(self, seqs: list[Sequence], width: int) -> torch.Tensor:
-        rows = [s.pages + [0] * (width - len(s.pages)) for s in seqs]
-        return self._tensor(rows, torch.int32)
-
     def prefill(self, chunks: list[tuple[Sequence, int]], all_logits: bool = False) -> torch.Tensor:
         """Compute `n` more prompt tokens of each sequence (its pages already hold room for them).
 
         Returns float32 logits [len(chunks), vocab] at each chunk's last token, or [sum(n), vocab] when all_logits.
         """
+        plan = self.prefill_plan(chunks, all_logits)
+        if self.on_plan is not None:
+            self.on_plan(plan)
+        return self.run(plan)
+
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One token for each sequence (the last one it sampled). Returns float32 logits [len(seqs), vocab]."""
+        plan = self.decode_plan(seqs)
+        if self.on_plan is not None:
+            self.on_plan(plan)
+        return self.run(plan)
+
+    # A plan is one forward's inputs as plain lists (msgpack-ready): what a tensor-parallel leader sends its
+    # workers, which replay it with `run` on their own shard and KV cache.
+
+    def prefill_plan(self, chunks: list[tuple[Sequence, int]], all_logits: bool = False) -> dict:
         tokens, positions, slots, q_start, q_lens, seq_lens = [], [], [], [], [], []
         for seq, n in chunks:
             start = seq.num_computed
@@ -46,24 +62,35 @@ class ModelRunner:
             positions += range(start, start + n)
             slots += self._slots(seq.pages, start, n)
         width = max(len(s.pages) for s, _ in chunks)
-        meta = AttentionMetadata(self._block_table([s for s, _ in chunks], width), self._tensor(seq_lens, torch.int32),
-                                 is_decode=False, q_start=self._tensor(q_start, torch.int32),
-                                 q_lens=self._tensor(q_lens, torch.int32), max_q_len=max(q_lens))
-        last = None if all_logits else self._tensor([s + n - 1 for s, n in zip(q_start, q_lens)], torch.int64)
-        return self.model.forward(self._tensor(tokens, torch.int64), self._tensor(positions, torch.int32),
-                                  self._tensor(slots, torch.int64), meta, self.kv, last)
+        return {"op": "prefill", "tokens": tokens, "positions": list(positions), "slots": slots,
+                "pages": [s.pages + [0] * (width - len(s.pages)) for s, _ in chunks], "seq_lens": seq_lens,
+                "q_start": q_start, "q_lens": q_lens,
+                "last": None if all_logits else [s + n - 1 for s, n in zip(q_start, q_lens)]}
 
-    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One token for each sequence (the last one it sampled). Returns float32 logits [len(seqs), vocab]."""
-        tokens = [s.token_ids[-1] for s in seqs]
-        positions = [s.num_computed for s in seqs]
-        slots = [self._slots(s.pages, s.num_computed, 1)[0] for s in seqs]
-        seq_lens = [s.num_computed + 1 for s in seqs]
-        if self.graphs is not None and len(seqs) <= self.graphs.max_batch:
-            return self.graphs.run(tokens, positions, slots, [s.pages for s in seqs], seq_lens)
-        return self._decode_forward(self._tensor(tokens, torch.int64), self._tensor(positions, torch.int32),
-                                    self._tensor(slots, torch.int64), self._block_table(seqs, self.max_pages),
-                                    self._tensor(seq_lens, torch.int32))
+    def decode_plan(self, seqs: list[Sequence]) -> dict:
+        return {"op": "decode", "tokens": [s.token_ids[-1] for s in seqs],
+                "positions": [s.num_computed for s in seqs],
+                "slots": [self._slots(s.pages, s.num_computed, 1)[0] for s in seqs],
+                "pages": [list(s.pages) for s in seqs], "seq_lens": [s.num_computed + 1 for s in seqs]}
+
+    def run(self, plan: dict) -> torch.Tensor:
+        """Run the forward a plan describes; float32 logits as `prefill` / `decode` return them."""
+        if plan["op"] == "decode":
+            if self.graphs is not None and len(plan["tokens"]) <= self.graphs.max_batch:
+                return self.graphs.run(plan["tokens"], plan["positions"], plan["slots"], plan["pages"],
+                                       plan["seq_lens"])
+            rows = [p + [0] * (self.max_pages - len(p)) for p in plan["pages"]]
+            return self._decode_forward(self._tensor(plan["tokens"], torch.int64),
+                                        self._tensor(plan["positions"], torch.int32),
+                                        self._tensor(plan["slots"], torch.int64), self._tensor(rows, torch.int32),
+                                        self._tensor(plan["seq_lens"], torch.int32))
+        meta = AttentionMetadata(self._tensor(plan["pages"], torch.int32), self._tensor(plan["seq_lens"], torch.int32),
+                                 is_decode=False, q_start=self._tensor(plan["q_start"], torch.int32),
+                                 q_lens=self._tensor(plan["q_lens"], torch.int32), max_q_len=max(plan["q_lens"]))
+        last = None if plan["last"] is None else self._tensor(plan["last"], torch.int64)
+        return self.model.forward(self._tensor(plan["tokens"], torch.int64),
+                                  self._tensor(plan["positions"], torch.int32),
+                                  self._tensor(plan["slots"], torch.int64), meta, self.kv, last)
 
     def _decode_forward(self, tokens, positions, slots, block_tables, seq_lens) -> torch.Tensor:
         meta = AttentionMetadata(block_tables, seq_lens, is_decode=True)

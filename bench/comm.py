@@ -1,0 +1,100 @@
+"""All-reduce latency and bandwidth of ringlet's communicators (ring, native MPI, NCCL) on 2 GPUs, with an
+alpha-beta fit per backend and the backend `auto` picks for each size.
+
+    mpirun -n 2 python3 bench/comm.py [--out bench/results/comm-<gpu>-<date>.json]
+    mpirun -n 2 python3 bench/comm.py --smoke        # CPU tensors, small sizes, no NCCL: checks the script runs
+
+bf16 tensors on each rank's GPU, 16 KiB .. 64 MiB. ring and mpi stage through host memory (what they cost for
+per-layer GPU tensors); nccl is torch.distributed on the device. Time per call = the slowest rank's mean over
+`--iters` calls after warm-up and a barrier. Bus bandwidth = 2 (p - 1) / p x bytes / time (NCCL's convention).
+Fit: time = alpha + bytes / beta, least squares over the sizes.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from mpi4py import MPI
+from ringlet.mpi import control
+from ringlet.mpi.comm import make_communicator
+from ringlet.mpi.ranks import device_for, discover
+
+GPU_SIZES = [16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
+SMOKE_SIZES = [16 << 10, 64 << 10, 256 << 10]
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_all_reduce(comm, world, x: torch.Tensor, iters: int) -> float:
+    for _ in range(3):
+        comm.all_reduce(x)
+    sync(x.device)
+    world.Barrier()
+    start = time.perf_counter()
+    for _ in range(iters):
+        comm.all_reduce(x)
+    sync(x.device)
+    mine = (time.perf_counter() - start) / iters
+    return max(control.allgather(world, mine))
+
+
+def fit(sizes: list[int], times: list[float]) -> dict:
+    a = np.stack([np.ones(len(sizes)), np.array(sizes, float)], axis=1)
+    (alpha, inv_beta), *_ = np.linalg.lstsq(a, np.array(times), rcond=None)
+    return {"alpha_us": round(alpha * 1e6, 2), "beta_GBps": round(1 / inv_beta / 1e9, 2) if inv_beta > 0 else None}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="CPU tensors, small sizes, no NCCL")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    info = discover()
+    world = MPI.COMM_WORLD
+    if info.world_size < 2:
+        ap.error("run under mpirun -n 2 (or more)")
+    device = torch.device("cpu") if args.smoke else device_for(info, torch)
+    if not args.smoke and device.type != "cuda":
+        ap.error("no CUDA GPU on this rank: run on GPUs, or pass --smoke")
+    sizes = SMOKE_SIZES if args.smoke else GPU_SIZES
+    backends = ["ring", "mpi"] + ([] if device.type != "cuda" else ["nccl"])
+    comms = {name: make_communicator(name, world, world, device) for name in backends}
+    auto = make_communicator("auto", world, world, device)
+    rows = []
+    for nbytes in sizes:
+        x = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
+        row = {"bytes": nbytes, "auto_choice": auto.choose(nbytes * 2 if auto.nccl is None else nbytes)}
+        for name, comm in comms.items():
+            t = time_all_reduce(comm, world, x, args.iters if nbytes < (16 << 20) else max(3, args.iters // 4))
+            row[f"{name}_us"] = round(t * 1e6, 2)
+            row[f"{name}_busbw_GBps"] = round(2 * (info.world_size - 1) / info.world_size * nbytes / t / 1e9, 2)
+        rows.append(row)
+        if info.rank == 0:
+            print(json.dumps(row), flush=True)
+    fits = {name: fit(sizes, [r[f"{name}_us"] * 1e-6 for r in rows]) for name in backends}
+    if info.rank == 0:
+        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-smoke"
+        date = datetime.date.today().isoformat()
+        slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+        out = args.out or Path(__file__).parent / "results" / f"comm-{slug}-{date}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"gpu": gpu, "date": date, "torch": torch.__version__, "ranks": info.world_size,
+                                   "mpi": MPI.Get_library_version().splitlines()[0].strip(), "dtype": "bfloat16",
+                                   "fit": fits, "auto": auto.describe(), "runs": rows}, indent=1))
+        print(json.dumps({"fit": fits}))
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""TP-2 decode against one GPU, in the same job: Llama-13B shape (40 layers, dim 5120, FFN 13824, 40 heads),
+random bf16 weights, whole engine steps at batch 1 and 16.
+
+    mpirun -n 2 python3 bench/tp_decode.py [--comm nccl] [--out bench/results/tp_decode-<gpu>-<date>.json]
+    mpirun -n 2 python3 bench/tp_decode.py --smoke      # tiny model on the CPU (ring): checks the script runs
+
+Phase 1: rank 0 alone runs the whole model on its GPU (rank 1 waits). Phase 2: both ranks build a TP-2 replica
+(`ringlet.mpi.parallel.Replica`, the same code `batch --tp 2` runs): rank 0 schedules, samples and broadcasts each
+step's plan, rank 1 replays it; the two all-reduces per layer go through --comm (nccl: captured in the decode CUDA
+graphs). Reported: tokens/s and step time for each, and their ratio (targets in DESIGN.md: >= 1.65x at batch 1,
+>= 1.8x at batch 16). Token-id prompts of --context tokens; greedy; ignore_eos.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+from mpi4py import MPI
+from ringlet.checkpoint import Checkpoint
+from ringlet.config import ModelConfig
+from ringlet.engine import Engine, EngineConfig
+from ringlet.model import random_weights
+from ringlet.mpi.parallel import Replica, make_layout
+from ringlet.mpi.ranks import device_for, discover
+from ringlet.sampling_params import SamplingParams
+
+SMOKE = ModelConfig(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=256, max_seq_len=512,
+                    name="smoke")
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_rate(engine: Engine, batch: int, context: int, steps: int) -> tuple[float, float]:
+    """(tokens/s, seconds per step) over `steps` decode steps after prefilling `batch` prompts."""
+    g = torch.Generator().manual_seed(batch)
+    vocab = engine.model_config.vocab_size
+    ids = [engine.add_request(torch.randint(0, vocab, (context,), generator=g).tolist(),
+                              SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True))
+           for _ in range(batch)]
+    while any(s.num_computed < context for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    for _ in range(3):  # capture this bucket's graph, warm up
+        engine.step()
+    sync(engine.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    sync(engine.device)
+    elapsed = time.perf_counter() - start
+    for i in ids:
+        engine.abort(i)
+        engine.pop_finished(i)
+    return batch * steps / elapsed, elapsed / steps
+
+
+def engine_config(args, device, batches) -> EngineConfig:
+    max_len = args.context + args.steps + 32
+    return EngineConfig(device=str(device), dtype="bf16" if device.type == "cuda" else "fp32",
+                        max_num_seqs=max(batches), kv_cache_tokens=(max(batches) + 1) * (max_len + 16),
+                        max_model_len=max_len + 16)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--comm", default=None, help="communicator (default: nccl on GPUs, ring with --smoke)")
+    ap.add_argument("--context", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    info = discover()
+    world = MPI.COMM_WORLD
+    if info.world_size != 2:
+        ap.error("run under mpirun -n 2")
+    device = torch.device("cpu") if args.smoke else device_for(info, torch)
+    if not args.smoke and device.type != "cuda":
+        ap.error("no CUDA GPU on this rank: run on 2 GPUs, or pass --smoke")
+    cfg = SMOKE if args.smoke else ModelConfig.from_name("llama-13b")
+    args.comm = args.comm or ("ring" if args.smoke else "nccl")
+    args.context = args.context or (32 if args.smoke else 1024)
+    args.steps = args.steps or (4 if args.smoke else 64)
+    batches = [int(b) for b in args.batches.split(",")]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    runs = {}
+
+    # Phase 1: one GPU (rank 0), rank 1 idle.
+    if info.rank == 0:
+        weights = random_weights(cfg, dtype, device)
+        engine = Engine(Checkpoint(cfg, weights, None, "random"), engine_config(args, device, batches))
+        del weights
+        for b in batches:
+            runs[b] = {"batch": b, "one_gpu": decode_rate(engine, b, args.context, args.steps)}
+            print(json.dumps({"batch": b, "one_gpu_tok_s": round(runs[b]["one_gpu"][0], 1)}), flush=True)
+        del engine
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    world.Barrier()
+
+    # Phase 2: TP-2, both ranks.
+    layout = make_layout(2, info.rank, tp=2, dp=1)
+    group = world.Split(color=0, key=info.rank)
+    weights = random_weights(cfg, dtype, device)  # the same seed on both ranks: the same model
+    replica = Replica(layout, group, world, Checkpoint(cfg, weights, None, "random"),
+                      engine_config(args, device, batches), args.comm, device)
+    del weights
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if info.rank == 0:
+        for b in batches:
+            tok_s, step = decode_rate(replica.engine, b, args.context, args.steps)
+            one, one_step = runs[b].pop("one_gpu")
+            runs[b].update(one_gpu_tok_s=round(one, 1), tp2_tok_s=round(tok_s, 1), ratio=round(tok_s / one, 3),
+                           one_gpu_step_ms=round(one_step * 1e3, 3), tp2_step_ms=round(step * 1e3, 3))
+            print(json.dumps(runs[b]), flush=True)
+        replica.stop_workers()
+    else:
+        replica.serve_plans()
+    world.Barrier()
+    if info.rank == 0:
+        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-smoke"
+        date = datetime.date.today().isoformat()
+        slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+        out = args.out or Path(__file__).parent / "results" / f"tp_decode-{slug}-{date}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"gpu": gpu, "date": date, "torch": torch.__version__, "shape": cfg.name,
+                                   "comm": replica.comm.describe(), "context": args.context, "steps": args.steps,
+                                   "targets": {"1": 1.65, "16": 1.8}, "runs": list(runs.values())}, indent=1))
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

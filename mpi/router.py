@@ -1,0 +1,132 @@
+"""Data parallel request routing: rank 0 hands work items to replica leaders, least-loaded first.
+
+An item is {"i": index, "prompt": str | list[int], "params": SamplingParams fields}; a result is {"i": index, ...}
+(`ReplicaServer.result`). Rank 0 keeps up to `capacity` unfinished items on each replica and gives the next item
+to the replica with the fewest (ties: the lowest replica), so replicas that finish early get more; rank 0 also runs
+replica 0 itself between polls. Leaders send results back as they finish. All messages are msgpack over MPI
+(`control.Mailbox`: non-blocking sends, polled receives), so rank 0 and a leader can never block on each other.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from ringlet.engine import Engine
+from ringlet.errors import RequestError
+from ringlet.sampling_params import SamplingParams
+
+ASSIGN, RESULTS, STOP = 11, 12, 13
+
+
+class ReplicaServer:
+    """Runs assigned items on a leader's engine and collects their results."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.live: set[int] = set()
+        self.done: list[dict] = []
+
+    def add(self, item: dict) -> None:
+        i = item["i"]
+        try:
+            self.engine.add_request(item["prompt"], SamplingParams(**item["params"]), request_id=str(i))
+        except (RequestError, TypeError) as e:
+            self.done.append({"i": i, "error": str(e)})
+            return
+        self.live.add(i)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.live)
+
+    def step(self) -> None:
+        for chunk in self.engine.step():
+            if chunk.finished:
+                i = int(chunk.request_id)
+                out = self.engine.pop_finished(chunk.request_id)
+                self.live.discard(i)
+                self.done.append(self.result(i, out))
+
+    @staticmethod
+    def result(i: int, out) -> dict:
+        return {"i": i, "text": out.text, "token_ids": list(out.token_ids), "finish_reason": out.finish_reason,
+                "prompt_tokens": len(out.prompt_token_ids)}
+
+    def take(self) -> list[dict]:
+        done, self.done = self.done, []
+        return done
+
+
+def route(local: ReplicaServer, items: Iterable[dict], on_result: Callable[[dict], None], capacity: int,
+          mailbox=None, leaders: list[int] | None = None, idle_sleep: float = 0.002) -> None:
+    """Rank 0: run every item on some replica, calling on_result once per item (in completion order).
+
+    leaders: world ranks of the replica leaders, leaders[0] = 0 (this rank); mailbox: a control.Mailbox on the
+    world communicator (None for a single replica). Sends STOP to the other leaders at the end.
+    """
+    leaders = leaders or [0]
+    pending = deque(items)
+    total = len(pending)
+    load = [0] * len(leaders)
+    done = 0
+
+    def dispatch() -> None:
+        batches: dict[int, list] = {}
+        while pending:
+            g = min(range(len(leaders)), key=lambda r: (load[r], r))
+            if load[g] >= capacity:
+                break
+            load[g] += 1
+            batches.setdefault(g, []).append(pending.popleft())
+        for g, batch in batches.items():
+            if g == 0:
+                for item in batch:
+                    local.add(item)
+            else:
+                mailbox.send({"items": batch}, leaders[g], ASSIGN)
+
+    def finish(g: int, results: list[dict]) -> None:
+        nonlocal done
+        for r in results:
+            load[g] -= 1
+            done += 1
+            on_result(r)
+
+    dispatch()
+    while done < total:
+        heard = False
+        while mailbox is not None:
+            got = mailbox.poll(tag=RESULTS)
+            if got is None:
+                break
+            heard = True
+            finish(leaders.index(got[0]), got[2])
+        if local.busy:
+            local.step()
+        finish(0, local.take())
+        dispatch()
+        if not heard and not local.busy and done < total:
+            time.sleep(idle_sleep)
+    for leader in leaders[1:]:
+        mailbox.send(None, leader, STOP)
+    if mailbox is not None:
+        mailbox.flush()
+
+
+def follow(local: ReplicaServer, mailbox) -> None:
+    """A leader other than rank 0: run what rank 0 assigns, send results back, until STOP."""
+    while True:
+        got = mailbox.poll(source=0) if local.busy else mailbox.receive(source=0)
+        if got is not None:
+            _, tag, message = got
+            if tag == STOP:
+                break
+            for item in message["items"]:
+                local.add(item)
+        if local.busy:
+            local.step()
+        results = local.take()
+        if results:
+            mailbox.send(results, 0, RESULTS)
+    mailbox.flush()
