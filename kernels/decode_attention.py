@@ -15,7 +15,6 @@ from .patterns import (
     BLOCK_SPARSE_ID,
     DENSE,
     SPARSE_BLOCK,
-    STRIDED_ID,
     BlockSparse,
     Pattern,
     head_masks,

@@ -21,7 +21,6 @@ from .patterns import (
     DENSE,
     DENSE_ID,
     SPARSE_BLOCK,
-    STRIDED_ID,
     BlockSparse,
     Pattern,
     head_masks,

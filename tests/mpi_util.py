@@ -15,11 +15,15 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = str(REPO / "launch.sh")
+# Variables by which a launcher or SLURM tells a process its place, and launch.sh's own choices: none may leak in
+# from the shell that runs pytest (say, pytest started under srun or mpirun). A site's MPI settings (OMPI_MCA_*,
+# HYDRA_*, MPI4PY_LIBMPI) stay: the machine may need them to launch at all.
 PLACE_PREFIXES = ("PMI_", "PMIX_", "OMPI_COMM_WORLD_", "OMPI_UNIVERSE_SIZE", "MPI_LOCALNRANKS", "MPI_LOCALRANKID",
                   "SLURM_", "RINGLET_MPIRUN", "RINGLET_SRUN_MPI", "RINGLET_RANK_MAP")
 
 
 def mpirun_path() -> str:
+    """mpirun's path; fails, never skips, without one: the MPI tests are part of what CI must prove."""
     path = shutil.which("mpirun")
     if path is None:
         pytest.fail("no mpirun on PATH: pip install -e '.[test]' installs the `mpich` wheel, which brings one")
@@ -27,6 +31,7 @@ def mpirun_path() -> str:
 
 
 def clean_env(**extra) -> dict:
+    """The test's environment without launcher variables; every rank runs this very python."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(PLACE_PREFIXES)}
     env["PYTHON"] = sys.executable
     env.update(extra)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -15,32 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from mpi_util import LAUNCH, REPO, clean_env, mpirun_path
 from ringlet.mpi.ranks import RankInfo, device_for
-
-REPO = Path(__file__).resolve().parents[1]
-LAUNCH = str(REPO / "launch.sh")
-# Variables by which a launcher or SLURM tells a process its place, and launch.sh's own choices: none may leak in
-# from the shell that runs pytest (say, pytest started under srun or mpirun). A site's MPI settings (OMPI_MCA_*,
-# HYDRA_*, MPI4PY_LIBMPI) stay: the machine may need them to launch at all.
-PLACE_PREFIXES = ("PMI_", "PMIX_", "OMPI_COMM_WORLD_", "OMPI_UNIVERSE_SIZE", "MPI_LOCALNRANKS", "MPI_LOCALRANKID",
-                  "SLURM_", "RINGLET_MPIRUN", "RINGLET_SRUN_MPI")
 
 
 @pytest.fixture
 def mpirun():
     """Fails, never skips, without mpirun: the MPI tests are part of what CI must prove."""
-    path = shutil.which("mpirun")
-    if path is None:
-        pytest.fail("no mpirun on PATH: pip install -e '.[test]' installs the `mpich` wheel, which brings one")
-    return path
-
-
-def clean_env(**extra) -> dict:
-    """The test's environment without launcher variables; every rank runs this very python."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(PLACE_PREFIXES)}
-    env["PYTHON"] = sys.executable
-    env.update(extra)
-    return env
+    return mpirun_path()
 
 
 def run(args, env, timeout=60) -> subprocess.CompletedProcess:
