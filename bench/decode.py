@@ -81,8 +81,14 @@ def weight_bytes(cfg: ModelConfig, elem: int) -> int:
     return elem * (cfg.n_layers * per_layer + cfg.vocab_size * cfg.dim)
 
 
-def bench_ringlet(engine: Engine, batch: int, context: int, steps: int) -> tuple[float, torch.Tensor]:
-    """Decode tokens/s over `steps` engine steps after prefilling `batch` prompts of `context` tokens."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_ringlet(engine: Engine, batch: int, context: int, steps: int) -> tuple[float, float]:
+    """(tokens/s, seconds per step) over `steps` decode engine steps after prefilling `batch` prompts of `context`
+    tokens (also used by bench/tp_decode.py, on the CPU too)."""
     g = torch.Generator().manual_seed(batch)
     vocab = engine.model_config.vocab_size
     ids = [engine.add_request(torch.randint(0, vocab, (context,), generator=g).tolist(),
@@ -92,11 +98,11 @@ def bench_ringlet(engine: Engine, batch: int, context: int, steps: int) -> tuple
         engine.step()
     for _ in range(3):  # capture this bucket's graph, warm up
         engine.step()
-    torch.cuda.synchronize()
+    _sync(engine.device)
     start = time.perf_counter()
     for _ in range(steps):
         engine.step()
-    torch.cuda.synchronize()
+    _sync(engine.device)
     elapsed = time.perf_counter() - start
     for i in ids:
         engine.abort(i)

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import re
-import time
 from pathlib import Path
 
 import torch
@@ -27,38 +27,14 @@ from ringlet.engine import Engine, EngineConfig
 from ringlet.model import random_weights
 from ringlet.mpi.parallel import Replica, make_layout
 from ringlet.mpi.ranks import device_for, discover
-from ringlet.sampling_params import SamplingParams
+
+# Decode timing is shared with bench/decode.py.
+_spec = importlib.util.spec_from_file_location("bench_decode", Path(__file__).with_name("decode.py"))
+bench_decode = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_decode)
 
 SMOKE = ModelConfig(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=256, max_seq_len=512,
                     name="smoke")
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def decode_rate(engine: Engine, batch: int, context: int, steps: int) -> tuple[float, float]:
-    """(tokens/s, seconds per step) over `steps` decode steps after prefilling `batch` prompts."""
-    g = torch.Generator().manual_seed(batch)
-    vocab = engine.model_config.vocab_size
-    ids = [engine.add_request(torch.randint(0, vocab, (context,), generator=g).tolist(),
-                              SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True))
-           for _ in range(batch)]
-    while any(s.num_computed < context for s in engine.scheduler.running) or engine.scheduler.waiting:
-        engine.step()
-    for _ in range(3):  # capture this bucket's graph, warm up
-        engine.step()
-    sync(engine.device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    sync(engine.device)
-    elapsed = time.perf_counter() - start
-    for i in ids:
-        engine.abort(i)
-        engine.pop_finished(i)
-    return batch * steps / elapsed, elapsed / steps
 
 
 def engine_config(args, device, batches) -> EngineConfig:
@@ -98,7 +74,7 @@ def main() -> int:
         engine = Engine(Checkpoint(cfg, weights, None, "random"), engine_config(args, device, batches))
         del weights
         for b in batches:
-            runs[b] = {"batch": b, "one_gpu": decode_rate(engine, b, args.context, args.steps)}
+            runs[b] = {"batch": b, "one_gpu": bench_decode.bench_ringlet(engine, b, args.context, args.steps)}
             print(json.dumps({"batch": b, "one_gpu_tok_s": round(runs[b]["one_gpu"][0], 1)}), flush=True)
         del engine
         if device.type == "cuda":
@@ -116,7 +92,7 @@ def main() -> int:
         torch.cuda.empty_cache()
     if info.rank == 0:
         for b in batches:
-            tok_s, step = decode_rate(replica.engine, b, args.context, args.steps)
+            tok_s, step = bench_decode.bench_ringlet(replica.engine, b, args.context, args.steps)
             one, one_step = runs[b].pop("one_gpu")
             runs[b].update(one_gpu_tok_s=round(one, 1), tp2_tok_s=round(tok_s, 1), ratio=round(tok_s / one, 3),
                            one_gpu_step_ms=round(one_step * 1e3, 3), tp2_step_ms=round(step * 1e3, 3))
