@@ -99,8 +99,21 @@ def _required(d: dict, name: str, cls_name: str) -> torch.Tensor:
     return d[name]
 
 
+class _Packed:
+    """Shape of a packed weight: qweight int32 [N, K * BITS // 32]."""
+    BITS: int
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1] * (32 // self.BITS)
+
+
 @dataclass
-class Int8Weight:
+class Int8Weight(_Packed):
     """Weight-only int8 with one scale per output channel: w = codes * scales[:, None].
 
     qweight int32 [N, K // 4] (internal packing, fields code + 128), scales [N] float, layout_group: the
@@ -129,14 +142,6 @@ class Int8Weight:
         check_tensor("scales", scales, (n,), SCALE_DTYPES, codes.device, layout="any")
         group = _layout_group(k, 4, "codes")
         return cls(pack_fields(codes.to(torch.int64) + cls.OFFSET, cls.BITS, group), scales.contiguous(), group)
-
-    @property
-    def out_features(self) -> int:
-        return self.qweight.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.qweight.shape[1] * 4
 
     @property
     def nbytes(self) -> int:
@@ -170,7 +175,7 @@ class Int8Weight:
 
 
 @dataclass
-class Int4Weight:
+class Int4Weight(_Packed):
     """4-bit weight with scales per group of `group_size` consecutive columns (in storage order).
 
     Symmetric (zeros None): w = (codes - 8) * s; asymmetric: w = (codes - zeros) * s (zeros float, need not be
@@ -290,14 +295,6 @@ class Int4Weight:
         return cls.from_codes(codes.T, scales, zeros, group_size)
 
     @property
-    def out_features(self) -> int:
-        return self.qweight.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.qweight.shape[1] * 8
-
-    @property
     def nbytes(self) -> int:
         return _nbytes(self.qweight, self.scales, self.zeros, self.perm)
 
@@ -388,7 +385,7 @@ class Int4Weight:
 
 
 @dataclass
-class TernaryWeight:
+class TernaryWeight(_Packed):
     """BitNet b1.58 ternary weight, 2 bits per value: w = codes * s, codes in {-1, 0, 1}, s per group of
     `group_size` columns ([N, K // G]) or one per tensor ([1], group_size None).
 
@@ -437,14 +434,6 @@ class TernaryWeight:
             group = group_size
         return cls(pack_fields(codes.to(torch.int64) + cls.OFFSET, cls.BITS, group), scales.contiguous(), group_size,
                    group)
-
-    @property
-    def out_features(self) -> int:
-        return self.qweight.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.qweight.shape[1] * 16
 
     @property
     def nbytes(self) -> int:
