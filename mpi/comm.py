@@ -79,7 +79,19 @@ def from_host(tensor: torch.Tensor, host: np.ndarray) -> torch.Tensor:
 
 
 class HostCommunicator(Communicator):
-    """broadcast / all_gather / barrier through MPI uppercase calls on host buffers; backends add all_reduce."""
+    """Collectives through MPI uppercase calls on host buffers; backends supply `reduce_host`, the in-place sum of
+    a 1-D float32/float64 array over the ranks."""
+
+    def all_reduce(self, tensor):
+        check_tensor(tensor, "all_reduce")
+        if self.size == 1 or tensor.numel() == 0:
+            return tensor
+        buf = to_host(tensor)
+        self.reduce_host(buf)
+        return from_host(tensor, buf)
+
+    def reduce_host(self, buf: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
 
     def broadcast(self, tensor, root=0):
         check_tensor(tensor, "broadcast")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from .comm import HostCommunicator, check_tensor, from_host, to_host
+from .comm import HostCommunicator
 
 CHUNK_ELEMS = 1 << 18  # 1 MiB of float32 per message
 
@@ -33,14 +33,6 @@ class RingCommunicator(HostCommunicator):
         self.ring = group.Dup()  # own message space: no tag can meet a control message or another backend's
         self.right = (self.rank + 1) % self.size
         self.left = (self.rank - 1) % self.size
-
-    def all_reduce(self, tensor):
-        check_tensor(tensor, "all_reduce")
-        if self.size == 1 or tensor.numel() == 0:
-            return tensor
-        buf = to_host(tensor)
-        self.reduce_host(buf)
-        return from_host(tensor, buf)
 
     def reduce_host(self, buf: np.ndarray) -> np.ndarray:
         """Sum the 1-D float32/float64 array `buf` over the ranks, in place."""
