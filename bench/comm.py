@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import re
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from mpi4py import MPI
 from ringlet.mpi import control
 from ringlet.mpi.comm import make_communicator
 from ringlet.mpi.ranks import device_for, discover
+from result_files import write_results
 
 GPU_SIZES = [16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 SMOKE_SIZES = [16 << 10, 64 << 10, 256 << 10]
@@ -85,12 +85,10 @@ def main() -> int:
     if info.rank == 0:
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-smoke"
         date = datetime.date.today().isoformat()
-        slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-        out = args.out or Path(__file__).parent / "results" / f"comm-{slug}-{date}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"gpu": gpu, "date": date, "torch": torch.__version__, "ranks": info.world_size,
-                                   "mpi": MPI.Get_library_version().splitlines()[0].strip(), "dtype": "bfloat16",
-                                   "fit": fits, "auto": auto.describe(), "runs": rows}, indent=1))
+        out = write_results("comm", gpu, date, args.out, {
+            "gpu": gpu, "date": date, "torch": torch.__version__, "ranks": info.world_size,
+            "mpi": MPI.Get_library_version().splitlines()[0].strip(), "dtype": "bfloat16", "fit": fits,
+            "auto": auto.describe(), "runs": rows})
         print(json.dumps({"fit": fits}))
         print(f"wrote {out}")
     return 0

@@ -13,10 +13,8 @@ or 1 GiB. Prints a table last and writes every number to JSON (default bench/res
 """
 import argparse
 import datetime
-import json
 import math
 import os
-import re
 import statistics
 import sys
 import time
@@ -32,6 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 import ringlet.kernels as rk  # noqa: E402
+from result_files import write_results  # noqa: E402
 
 
 @dataclass
@@ -396,11 +395,9 @@ def finish(bench: Bench, name: str, gpu: str, date: str, out: Path | None, elaps
            **results) -> int:
     """Write the JSON (default bench/results/<name>-<gpu>-<date>.json), print the table and the checks' verdict;
     returns the exit code (1 when a check failed)."""
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-    out = out or Path(__file__).parent / "results" / f"{name}-{slug}-{date}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"gpu": gpu, "date": date, "torch": torch.__version__, "triton": triton.__version__,
-                               "seconds": elapsed, "checks": bench.checks, **results}, indent=1))
+    out = write_results(name, gpu, date, out, {"gpu": gpu, "date": date, "torch": torch.__version__,
+                                               "triton": triton.__version__, "seconds": elapsed,
+                                               "checks": bench.checks, **results})
     print("\n" + table)
     failed = [c["name"] + " " + c["dtype"] for c in bench.checks if not c["ok"]]
     print(f"\n{len(bench.checks) - len(failed)}/{len(bench.checks)} checks passed in {elapsed:.0f} s; wrote {out}")

@@ -16,7 +16,6 @@ import argparse
 import datetime
 import importlib.util
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -27,6 +26,8 @@ from ringlet.engine import Engine, EngineConfig
 from ringlet.model import random_weights
 from ringlet.mpi.parallel import Replica, make_layout
 from ringlet.mpi.ranks import device_for, discover
+
+from result_files import write_results
 
 # Decode timing is shared with bench/decode.py.
 _spec = importlib.util.spec_from_file_location("bench_decode", Path(__file__).with_name("decode.py"))
@@ -104,12 +105,10 @@ def main() -> int:
     if info.rank == 0:
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-smoke"
         date = datetime.date.today().isoformat()
-        slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-        out = args.out or Path(__file__).parent / "results" / f"tp_decode-{slug}-{date}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"gpu": gpu, "date": date, "torch": torch.__version__, "shape": cfg.name,
-                                   "comm": replica.comm.describe(), "context": args.context, "steps": args.steps,
-                                   "targets": {"1": 1.65, "16": 1.8}, "runs": list(runs.values())}, indent=1))
+        out = write_results("tp_decode", gpu, date, args.out, {
+            "gpu": gpu, "date": date, "torch": torch.__version__, "shape": cfg.name, "comm": replica.comm.describe(),
+            "context": args.context, "steps": args.steps, "targets": {"1": 1.65, "16": 1.8},
+            "runs": list(runs.values())})
         print(f"wrote {out}")
     return 0
 
