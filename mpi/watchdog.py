@@ -25,6 +25,10 @@ from ringlet.errors import RingletError
 from . import control
 
 HEARTBEAT_TAG = 77
+# Seconds between printing why the job ends and calling MPI Abort. Hydra's proxy forwards a rank's stderr from a
+# pipe and handles the abort on a socket; without the pause it could tear the job down with the message still in
+# the pipe, and the user would see an exit code and no reason (seen in CI).
+ABORT_GRACE = 1.0
 
 
 class RankError(RingletError):
@@ -103,7 +107,7 @@ class Watchdog:
                     print(f"ringlet: rank {p} (pid {who['pid']} on {who['host']}) sent no heartbeat for "
                           f"{now - seen:.0f} s (hung, stopped or lost); rank {self.rank} is ending all "
                           f"{self.size} ranks", file=sys.stderr, flush=True)
-                    MPI.COMM_WORLD.Abort(3)
+                    abort(3)
             self._stop.wait(self.interval)
 
 
@@ -112,7 +116,15 @@ def fail(exc: BaseException, comm=None) -> None:
     rank = (comm or MPI.COMM_WORLD).Get_rank()
     cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     print(f"ringlet: rank {rank} failed: {cause}; ending all ranks", file=sys.stderr, flush=True)
-    MPI.COMM_WORLD.Abort(1)
+    abort(1)
+
+
+def abort(code: int) -> None:
+    """End every rank with exit code `code` once the launcher has had time to forward what was printed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(ABORT_GRACE)
+    MPI.COMM_WORLD.Abort(code)
 
 
 def collective(comm, fn, *args, **kwargs):
