@@ -7,7 +7,10 @@ alpha-beta fit per backend and the backend `auto` picks for each size.
 bf16 tensors on each rank's GPU, 16 KiB .. 64 MiB. ring and mpi stage through host memory (what they cost for
 per-layer GPU tensors); nccl is torch.distributed on the device. Time per call = the slowest rank's mean over
 `--iters` calls after warm-up and a barrier. Bus bandwidth = 2 (p - 1) / p x bytes / time (NCCL's convention).
-Fit: time = alpha + bytes / beta, least squares over the sizes.
+Fit: time = alpha + bytes / beta, least squares over the sizes. Two NCCL rows: `nccl` is torch.distributed alone
+(one_shot_bytes=0), `nccl_one_shot` the default communicator (symmetric-memory one-shot up to 512 KiB, see
+ringlet/mpi/nccl.py). For those two, `*_graph_us` is the time per all-reduce replayed inside a CUDA graph of
+GRAPH_CALLS calls, as the decode step runs them (launch costs gone).
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ from result_files import write_results
 
 GPU_SIZES = [16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 SMOKE_SIZES = [16 << 10, 64 << 10, 256 << 10]
+GRAPH_CALLS = 32
+GRAPH_MAX_BYTES = 4 << 20
 
 
 def sync(device) -> None:
@@ -44,6 +49,28 @@ def time_all_reduce(comm, world, x: torch.Tensor, iters: int) -> float:
         comm.all_reduce(x)
     sync(x.device)
     mine = (time.perf_counter() - start) / iters
+    return max(control.allgather(world, mine))
+
+
+def time_in_graph(comm, world, x: torch.Tensor, iters: int) -> float:
+    """Seconds per all-reduce when GRAPH_CALLS of them are replayed from one CUDA graph (slowest rank)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        comm.all_reduce(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(GRAPH_CALLS):
+            comm.all_reduce(x)
+    graph.replay()
+    sync(x.device)
+    world.Barrier()
+    start = time.perf_counter()
+    for _ in range(iters):
+        graph.replay()
+    sync(x.device)
+    mine = (time.perf_counter() - start) / (iters * GRAPH_CALLS)
     return max(control.allgather(world, mine))
 
 
@@ -67,8 +94,11 @@ def main() -> int:
     if not args.smoke and device.type != "cuda":
         ap.error("no CUDA GPU on this rank: run on GPUs, or pass --smoke")
     sizes = SMOKE_SIZES if args.smoke else GPU_SIZES
-    backends = ["ring", "mpi"] + ([] if device.type != "cuda" else ["nccl"])
-    comms = {name: make_communicator(name, world, world, device) for name in backends}
+    comms = {name: make_communicator(name, world, world, device) for name in ("ring", "mpi")}
+    if device.type == "cuda":
+        comms["nccl"] = make_communicator("nccl", world, world, device, one_shot_bytes=0)
+        comms["nccl_one_shot"] = make_communicator("nccl", world, world, device)
+    backends = list(comms)
     auto = make_communicator("auto", world, world, device)
     rows = []
     for nbytes in sizes:
@@ -78,6 +108,8 @@ def main() -> int:
             t = time_all_reduce(comm, world, x, args.iters if nbytes < (16 << 20) else max(3, args.iters // 4))
             row[f"{name}_us"] = round(t * 1e6, 2)
             row[f"{name}_busbw_GBps"] = round(2 * (info.world_size - 1) / info.world_size * nbytes / t / 1e9, 2)
+            if name.startswith("nccl") and nbytes <= GRAPH_MAX_BYTES:
+                row[f"{name}_graph_us"] = round(time_in_graph(comm, world, x, args.iters) * 1e6, 2)
         rows.append(row)
         if info.rank == 0:
             print(json.dumps(row), flush=True)
@@ -88,7 +120,8 @@ def main() -> int:
         out = write_results("comm", gpu, date, args.out, {
             "gpu": gpu, "date": date, "torch": torch.__version__, "ranks": info.world_size,
             "mpi": MPI.Get_library_version().splitlines()[0].strip(), "dtype": "bfloat16", "fit": fits,
-            "auto": auto.describe(), "runs": rows})
+            "auto": auto.describe(), "nccl_one_shot": comms["nccl_one_shot"].describe() if "nccl_one_shot" in comms
+            else None, "runs": rows})
         print(json.dumps({"fit": fits}))
         print(f"wrote {out}")
     return 0

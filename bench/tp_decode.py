@@ -3,12 +3,15 @@ random bf16 weights, whole engine steps at batch 1 and 16.
 
     mpirun -n 2 python3 bench/tp_decode.py [--comm nccl] [--out bench/results/tp_decode-<gpu>-<date>.json]
     mpirun -n 2 python3 bench/tp_decode.py --smoke      # tiny model on the CPU (ring): checks the script runs
+    mpirun -n 2 python3 bench/tp_decode.py --no-one-shot --no-spin   # what each of the two costs
 
 Phase 1: rank 0 alone runs the whole model on its GPU (rank 1 waits). Phase 2: both ranks build a TP-2 replica
 (`ringlet.mpi.parallel.Replica`, the same code `batch --tp 2` runs): rank 0 schedules, samples and broadcasts each
 step's plan, rank 1 replays it; the two all-reduces per layer go through --comm (nccl: captured in the decode CUDA
 graphs). Reported: tokens/s and step time for each, and their ratio (targets in DESIGN.md: >= 1.65x at batch 1,
->= 1.8x at batch 16). Token-id prompts of --context tokens; greedy; ignore_eos.
+>= 1.8x at batch 16). Token-id prompts of --context tokens; greedy; ignore_eos. --no-one-shot sends every
+all-reduce through NCCL (no symmetric-memory one-shot, see ringlet/mpi/nccl.py); --no-spin makes the worker sleep
+while it waits for the next plan (see ringlet/mpi/parallel.py): for measuring what each saves.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from ringlet.checkpoint import Checkpoint
 from ringlet.config import ModelConfig
 from ringlet.engine import Engine, EngineConfig
 from ringlet.model import random_weights
+from ringlet.mpi import nccl, parallel
 from ringlet.mpi.parallel import Replica, make_layout
 from ringlet.mpi.ranks import device_for, discover
 
@@ -52,8 +56,14 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--no-one-shot", action="store_true", help="all-reduces through NCCL only")
+    ap.add_argument("--no-spin", action="store_true", help="the worker sleeps while waiting for a plan")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if args.no_one_shot:
+        nccl.ONE_SHOT_BYTES = 0
+    if args.no_spin:
+        parallel.PLAN_SPIN_S = 0.0
     info = discover()
     world = MPI.COMM_WORLD
     if info.world_size != 2:
@@ -107,6 +117,7 @@ def main() -> int:
         date = datetime.date.today().isoformat()
         out = write_results("tp_decode", gpu, date, args.out, {
             "gpu": gpu, "date": date, "torch": torch.__version__, "shape": cfg.name, "comm": replica.comm.describe(),
+            "worker_spin_s": parallel.PLAN_SPIN_S,
             "context": args.context, "steps": args.steps, "targets": {"1": 1.65, "16": 1.8},
             "runs": list(runs.values())})
         print(f"wrote {out}")

@@ -116,7 +116,7 @@ def make_communicator(name: str, group, world=None, device: torch.device | None 
 
     `world` (default: group) is the communicator every rank of the job is in; nccl and auto need it because
     torch.distributed is set up once for the whole job. `device` is this rank's torch device. `options` go to the
-    backend (ring: chunk_elems; auto: thresholds).
+    backend (ring: chunk_elems; nccl: one_shot_bytes; auto: thresholds).
     """
     if name == "ring":
         from .ring import RingCommunicator
@@ -126,7 +126,7 @@ def make_communicator(name: str, group, world=None, device: torch.device | None 
         return MPICommunicator(group)
     if name == "nccl":
         from .nccl import NCCLCommunicator
-        return NCCLCommunicator(group, world if world is not None else group, device)
+        return NCCLCommunicator(group, world if world is not None else group, device, **options)
     if name == "auto":
         from .auto import AutoCommunicator
         return AutoCommunicator(group, world if world is not None else group, device, **options)

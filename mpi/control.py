@@ -20,11 +20,13 @@ def unpack(data) -> object:
     return msgpack.unpackb(bytes(data), raw=False, strict_map_key=False)
 
 
-def bcast(comm, obj=None, root: int = 0, poll: bool = False):
+def bcast(comm, obj=None, root: int = 0, poll: bool = False, spin: float = 0.0):
     """root's obj on every rank (the length by Ibcast, then the bytes by Bcast).
 
     poll=True waits for the length with a non-blocking Ibcast and short sleeps instead of MPI's busy wait, for
-    ranks that idle between messages (tensor-parallel workers), so they leave the CPU to the ranks that compute.
+    ranks that idle between messages (tensor-parallel workers), so they leave the CPU to the ranks that compute;
+    for the first `spin` seconds it tests without sleeping (a GPU worker expecting the next step's plan within a
+    millisecond: a sleep there is added to every step).
     """
     size = np.zeros(1, np.int64)
     data = b""
@@ -34,7 +36,7 @@ def bcast(comm, obj=None, root: int = 0, poll: bool = False):
     # The length always goes by Ibcast on every rank: a blocking and a non-blocking collective never match.
     request = comm.Ibcast(size, root=root)
     if poll and comm.Get_rank() != root:
-        wait(request)
+        wait(request, spin=spin)
     else:
         request.Wait()
     buf = bytearray(data) if comm.Get_rank() == root else bytearray(int(size[0]))
@@ -53,8 +55,14 @@ def allgather(comm, obj) -> list:
     return [unpack(out[int(d):int(d) + int(s)]) for d, s in zip(displs, sizes)]
 
 
-def wait(request, max_sleep: float = 0.002) -> None:
-    """Complete an MPI request, sleeping between tests (up to max_sleep s) rather than spinning."""
+def wait(request, max_sleep: float = 0.002, spin: float = 0.0) -> None:
+    """Complete an MPI request: tests back to back for `spin` seconds, then sleeps between tests (growing to
+    max_sleep s) rather than spinning."""
+    if spin > 0:
+        end = time.perf_counter() + spin
+        while time.perf_counter() < end:
+            if request.Test():
+                return
     pause = 1e-5
     while not request.Test():
         time.sleep(pause)

@@ -19,6 +19,8 @@ from . import control
 from .comm import make_communicator
 from .tp import apply_tp
 
+PLAN_SPIN_S = 0.05
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -72,6 +74,8 @@ class Replica:
         """group: the replica's tensor-parallel mpi4py communicator (world.Split by replica). Collective: every
         rank of the world constructs its Replica at the same time (communicators are built collectively)."""
         self.layout, self.group = layout, group
+        if device is not None and device.type == "cuda":
+            torch.cuda.set_device(device)  # Triton launches on the current device, whatever its tensors' device
         self.comm = None
         shard = None
         if layout.tp > 1:
@@ -86,13 +90,21 @@ class Replica:
 
     @torch.inference_mode()
     def serve_plans(self) -> int:
-        """Worker loop: replay the leader's plans until it says stop; returns the number of forwards run."""
+        """Worker loop: replay the leader's plans until it says stop; returns the number of forwards run.
+
+        On a GPU the worker waits for its own forward to finish (its inputs' host buffers are then free to refill;
+        the leader learns this from reading its logits) and then polls for the next plan without sleeping for up
+        to PLAN_SPIN_S: the leader sends it a few hundred microseconds later, and a sleep would delay every step.
+        """
+        cuda = self.engine.device.type == "cuda"
         count = 0
         while True:
-            plan = control.bcast(self.group, None, poll=True)
+            plan = control.bcast(self.group, None, poll=True, spin=PLAN_SPIN_S if cuda else 0.0)
             if plan["op"] == "stop":
                 return count
             self.engine.runner.run(plan)
+            if cuda:
+                torch.cuda.synchronize(self.engine.device)
             count += 1
 
     def stop_workers(self) -> None:
