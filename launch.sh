@@ -7,7 +7,8 @@ usage() {
 usage: ./launch.sh [-n N] [--mpi-args "ARGS"] [--module M] COMMAND [ARGS...]
 
 Runs `python -m ringlet COMMAND ARGS...`, e.g. `./launch.sh -n 8 serve`:
-  in a SLURM allocation  srun --mpi=PLUGIN [-n N] python -m ringlet ...  (no -n: the allocation's task count)
+  in a SLURM allocation  srun --mpi=PLUGIN --kill-on-bad-exit=1 [-n N] python -m ringlet ...
+                         (no -n: the allocation's task count; one line on stderr says which plugin and why)
   N > 1 elsewhere        mpirun -n N python -m ringlet ...  (Open MPI or MPICH; as root and oversubscribed too)
   N = 1 (the default)    python -m ringlet ...
 
@@ -82,9 +83,12 @@ print(" ".join(MPI.Get_library_version().replace("\0", "").splitlines()[0].split
 if [[ -n ${SLURM_JOB_ID:-} && -z ${SLURM_STEP_ID:-} ]]; then
     command -v srun >/dev/null || die "SLURM_JOB_ID is set but srun is not on PATH"
     plugin=${RINGLET_SRUN_MPI:-}
+    why="from RINGLET_SRUN_MPI"
     if [[ -z $plugin ]]; then
-        # Old srun writes "srun: pmi2" lines to stderr, newer ones an indented list to stdout.
-        offered=$(timeout 60 srun --mpi=list 2>&1 | sed -E 's/^srun: *//; s/^[[:space:]]+//; s/[[:space:]]+$//') || true
+        # Old srun writes "srun: pmi2" lines to stderr, newer ones an indented list to stdout; the plugins are the
+        # lines of one word.
+        offered=$(timeout 60 srun --mpi=list 2>&1 | sed -E 's/^srun: *//; s/^[[:space:]]+//; s/[[:space:]]+$//' |
+            grep -xE '[[:alnum:]_.-]+') || true
         lib=$(family "$(mpi_library 2>/dev/null || true)")
         # Open MPI 5 speaks only PMIx. MPICH speaks PMI-2, which every Slurm offers, while a listed pmix can still
         # fail to load (Debian 12 lists it but lacks the unversioned libpmix.so it dlopens).
@@ -97,8 +101,16 @@ if [[ -n ${SLURM_JOB_ID:-} && -z ${SLURM_STEP_ID:-} ]]; then
         else
             plugin=pmi2
         fi
+        why="srun offers: ${offered//$'\n'/ }; mpi4py's MPI: $lib"
     fi
-    exec srun --mpi="$plugin" ${n:+-n "$n"} "${extra[@]}" "${cmd[@]}"
+    # Slurm 22.05 and later no longer pass the job's --cpus-per-task on to srun; without this every rank would be
+    # given one CPU.
+    if [[ -n ${SLURM_CPUS_PER_TASK:-} && -z ${SRUN_CPUS_PER_TASK:-} ]]; then
+        export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
+    fi
+    echo "launch.sh: srun --mpi=$plugin ($why)" >&2
+    # Without --kill-on-bad-exit srun waits for the other ranks of a rank that died, which wait for it in turn.
+    exec srun --mpi="$plugin" --kill-on-bad-exit=1 ${n:+-n "$n"} "${extra[@]}" "${cmd[@]}"
 fi
 
 # --- inside an srun step: each task is already a rank ---------------------------------------------------------------

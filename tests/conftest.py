@@ -30,3 +30,21 @@ def lee_path():
     if spec is None:
         pytest.fail("gensim is a test dependency: pip install -e '.[test]'")
     return os.path.join(spec.submodule_search_locations[0], "test", "test_data", "lee_background.cor")
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A one-node SLURM cluster (tests/slurm_cluster.py) for the whole session, stopped at its end.
+
+    Skips where SLURM cannot run (not installed, not root), with the reason; fails instead when
+    RINGLET_REQUIRE_SLURM=1, which .ci/run sets after installing slurm-wlm and munge: there the tests must run.
+    """
+    from slurm_cluster import SlurmUnavailable, find_programs, slurm_cluster
+    try:
+        find_programs()
+    except SlurmUnavailable as e:
+        if os.environ.get("RINGLET_REQUIRE_SLURM") == "1":
+            pytest.fail(f"{e} (RINGLET_REQUIRE_SLURM=1: the SLURM tests must run here)")
+        pytest.skip(str(e))
+    with slurm_cluster() as cluster:
+        yield cluster

@@ -1,4 +1,5 @@
-"""Run under mpirun by tests/test_mpi_failure.py: rank `argv[1]` raises while the others wait in a broadcast."""
+"""Run under mpirun by tests/test_mpi_failure.py, and under srun (`./launch.sh --module mpi_fail_check R` with tests/
+on PYTHONPATH) by tests/test_slurm.py: rank `argv[1]` raises while the others wait in a broadcast."""
 import sys
 import time
 

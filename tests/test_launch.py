@@ -1,6 +1,6 @@
 """launch.sh, rank discovery and .ci/run, with real processes: real mpirun (the pip `mpich` wheel's hydra) for
 the multi-rank paths; for SLURM only launch.sh's own choice of srun arguments, through a stand-in `srun` that
-records them (a real one-node SLURM cluster is tested apart)."""
+records them (tests/test_slurm.py runs them on a real one-node SLURM cluster)."""
 from __future__ import annotations
 
 import json
@@ -200,22 +200,24 @@ def test_srun_prefers_pmi2_for_mpich(tmp_path):
     python = _script(tmp_path / "python-mpich", FAKE_MPICH_PYTHON)
     res, argv, calls = fake_srun(tmp_path, ["-n", "4", "generate", "--prompt", "hi"], LIST_22_05, PYTHON=python)
     assert res.returncode == 0, res.stderr
-    assert argv == ["--mpi=pmi2", "-n", "4", python, "-m", "ringlet", "generate", "--prompt", "hi"]
+    assert argv == ["--mpi=pmi2", "--kill-on-bad-exit=1", "-n", "4", python, "-m", "ringlet", "generate", "--prompt",
+                    "hi"]
     assert calls == ["list", "run"]
+    assert res.stderr == "launch.sh: srun --mpi=pmi2 (srun offers: pmix none cray_shasta pmi2; mpi4py's MPI: mpich)\n"
 
 
 def test_srun_without_n_uses_the_allocation(tmp_path):
     python = _script(tmp_path / "python-mpich", FAKE_MPICH_PYTHON)
     res, argv, _ = fake_srun(tmp_path, ["--mpi-args", "--overlap -N 1", "batch"], LIST_22_05, PYTHON=python)
     assert res.returncode == 0, res.stderr
-    assert argv == ["--mpi=pmi2", "--overlap", "-N", "1", python, "-m", "ringlet", "batch"]
+    assert argv == ["--mpi=pmi2", "--kill-on-bad-exit=1", "--overlap", "-N", "1", python, "-m", "ringlet", "batch"]
 
 
 def test_srun_takes_pmix_for_open_mpi(tmp_path):
     python = _script(tmp_path / "python-openmpi", FAKE_OPENMPI_PYTHON)
     res, argv, _ = fake_srun(tmp_path, ["-n", "2", "serve"], LIST_22_05, PYTHON=python)
     assert res.returncode == 0, res.stderr
-    assert argv == ["--mpi=pmix", "-n", "2", python, "-m", "ringlet", "serve"]
+    assert argv == ["--mpi=pmix", "--kill-on-bad-exit=1", "-n", "2", python, "-m", "ringlet", "serve"]
 
 
 def test_srun_takes_pmix_when_only_pmix_is_offered(tmp_path):
@@ -233,8 +235,9 @@ def test_srun_falls_back_to_pmi2_on_an_empty_list(tmp_path):
 def test_srun_plugin_from_environment(tmp_path):
     res, argv, calls = fake_srun(tmp_path, ["-n", "3", "serve"], LIST_22_05, RINGLET_SRUN_MPI="pmix_v4")
     assert res.returncode == 0, res.stderr
-    assert argv[:3] == ["--mpi=pmix_v4", "-n", "3"]
+    assert argv[:4] == ["--mpi=pmix_v4", "--kill-on-bad-exit=1", "-n", "3"]
     assert calls == ["run"]
+    assert res.stderr == "launch.sh: srun --mpi=pmix_v4 (from RINGLET_SRUN_MPI)\n"
 
 
 def test_inside_an_srun_step_runs_the_rank_itself(tmp_path):
