@@ -181,10 +181,15 @@ fi
 # Hydra reports a rank that died by its PID only (on stdout: "PID 1234 RUNNING AT node1 / EXIT CODE: 9") and ends
 # the other ranks at once, before they could say anything. ringlet's rank 0 writes "PID HOST RANK" lines to
 # RINGLET_RANK_MAP at start-up; this filter passes both streams through unchanged and adds one line naming the rank
-# on stderr.
-rank_map=$(mktemp "${TMPDIR:-/tmp}/ringlet-ranks.XXXXXX")
-export RINGLET_RANK_MAP=$rank_map
-trap 'rm -f "$rank_map"' EXIT
+# on stderr. The filters read mpirun's streams from two FIFOs as background jobs, so that (a) launch.sh exits only
+# after both have written everything (a caller that reads a log file when launch.sh ends finds it complete), and
+# (b) Ctrl-C does not reach them (a non-interactive shell starts background jobs with SIGINT ignored): mpirun
+# forwards it to the ranks and the filters pass on what the ranks print until the end.
+work=$(mktemp -d "${TMPDIR:-/tmp}/ringlet-launch.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+export RINGLET_RANK_MAP=$work/ranks
+: >"$RINGLET_RANK_MAP"
+mkfifo "$work/out" "$work/err"
 name_rank='
     { print; fflush() }
     /^=+ +PID [0-9]+ RUNNING AT / { pid = $3; host = $6 }
@@ -199,9 +204,15 @@ name_rank='
         }
         pid = ""
     }'
+# mawk (Debian's default awk) reads a pipe in 4 KiB blocks unless told to go line by line.
+awk_flags=()
+awk -W version 2>&1 | grep -qi mawk && awk_flags=(-W interactive)
+awk "${awk_flags[@]}" -v map="$RINGLET_RANK_MAP" "$name_rank" <"$work/out" &
+out_filter=$!
+awk "${awk_flags[@]}" -v map="$RINGLET_RANK_MAP" "$name_rank" <"$work/err" >&2 &
+err_filter=$!
 set +e
-"$mpirun_path" "${args[@]}" "${extra[@]}" "${cmd[@]}" \
-    > >(awk -v map="$rank_map" "$name_rank") 2> >(awk -v map="$rank_map" "$name_rank" >&2)
+"$mpirun_path" "${args[@]}" "${extra[@]}" "${cmd[@]}" >"$work/out" 2>"$work/err"
 rc=$?
-wait  # for the filters to flush
+wait "$out_filter" "$err_filter"
 exit $rc

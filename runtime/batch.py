@@ -204,21 +204,6 @@ def write_output(output: Path, records: dict[int, dict], n: int) -> None:
 
 # ------------------------------------------------------------------------------------------------ running
 
-def _engine_config(args, device: str | None):
-    from .engine import EngineConfig
-    return EngineConfig(device=device, dtype=args.dtype, attention=args.attention, kv_dtype=args.kv_dtype,
-                        rope_scaling=args.rope_scaling, quant=args.quant, max_model_len=args.max_model_len,
-                        kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs)
-
-
-def _settings(args) -> dict:
-    """What every rank must agree on (compared at start-up)."""
-    # Not the model path: nodes may hold their own copies; the weights hash compares what was loaded.
-    keys = ("dtype", "attention", "kv_dtype", "rope_scaling", "quant", "max_model_len", "kv_cache_tokens",
-            "max_num_seqs", "tp", "dp", "comm")
-    return {k: getattr(args, k) for k in keys}
-
-
 def _defaults(args) -> dict:
     return {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
             "seed": args.seed, "stop": list(args.stop)}
@@ -292,8 +277,9 @@ def _run_single(args) -> int:
 
     from .checkpoint import load_checkpoint
     from .engine import Engine
+    from .replica_setup import engine_config
     make_layout(1, 0, args.tp, args.dp)
-    engine = Engine(load_checkpoint(args.model), _engine_config(args, args.device))
+    engine = Engine(load_checkpoint(args.model), engine_config(args, args.device))
     driver = Driver(args, engine.tokenizer)
     route(ReplicaServer(engine), driver.items, driver.finish, capacity=args.max_num_seqs)
     print(json.dumps(driver.close()))
@@ -301,36 +287,18 @@ def _run_single(args) -> int:
 
 
 def _run_ranks(args, info) -> int:
-    import torch
     from mpi4py import MPI
-    from ringlet.mpi import agree, watchdog
+    from ringlet.mpi import watchdog
     from ringlet.mpi.control import Mailbox
-    from ringlet.mpi.parallel import Replica, make_layout
-    from ringlet.mpi.ranks import device_for
     from ringlet.mpi.router import ReplicaServer, follow, route
-    from ringlet.mpi.tp import check_tp
 
-    from .checkpoint import load_checkpoint
+    from .replica_setup import build_replica, rank_device
 
     world = MPI.COMM_WORLD
-    if args.device is None and not torch.cuda.is_available():
-        # Ranks sharing a node's cores: one torch thread pool each, not one per core each.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_size))
-    device = torch.device(args.device) if args.device else device_for(info, torch)
+    device = rank_device(args, info)
     with watchdog.Watchdog(world, timeout=args.heartbeat_timeout) as dog:
         try:
-            def load():
-                layout = make_layout(info.world_size, info.rank, args.tp, args.dp)
-                checkpoint = load_checkpoint(args.model)
-                check_tp(checkpoint.config, layout.tp)
-                return layout, checkpoint, agree.fingerprint(_settings(args), checkpoint.weights)
-            layout, checkpoint, mine = watchdog.collective(world, load)
-            watchdog.collective(world, agree.check_agreement, world, mine)
-            group = world.Split(color=layout.replica, key=info.rank)
-            messages = world.Dup()  # rank 0 <-> leaders; apart from every other message
-            replica = watchdog.collective(world, Replica, layout, group, world, checkpoint,
-                                          _engine_config(args, str(device)), args.comm, device)
-            del checkpoint
+            layout, replica, messages = build_replica(args, info, world, device)
             driver = watchdog.collective(
                 world, lambda: Driver(args, replica.engine.tokenizer) if info.rank == 0 else None)
         except watchdog.RankError:

@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .batch import add_parser as add_batch_parser
     add_batch_parser(sub, _add_model_flags, _add_sampling_flags)
+    from .serve.command import add_parser as add_serve_parser
+    add_serve_parser(sub, _add_model_flags)
     return parser
 
 
@@ -211,10 +213,15 @@ def cmd_batch(args) -> int:
     return run(args)
 
 
+def cmd_serve(args) -> int:
+    from .serve.command import cmd_serve as run
+    return run(args)
+
+
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "quantize": cmd_quantize,
-            "batch": cmd_batch}
+            "batch": cmd_batch, "serve": cmd_serve}
 # Commands every rank runs (they split the work over MPI); the others run on rank 0 alone.
-MULTI_RANK = {"batch"}
+MULTI_RANK = {"batch", "serve"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,6 +118,30 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def encode_prompt(tokenizer, prompt: str | list[int], vocab_size: int, max_model_len: int) -> list[int]:
+    """Token ids of a prompt (a string for `tokenizer`, which may be None, or token ids below vocab_size); raises
+    RequestError for an empty prompt or one that leaves no room in max_model_len for a generated token."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise RequestError("prompt is empty")
+        if tokenizer is None:
+            raise RequestError("this model has no tokenizer: pass the prompt as token ids")
+        ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        ids = list(prompt)
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    else:
+        raise RequestError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+    if not ids:
+        raise RequestError("prompt is empty")
+    if len(ids) >= max_model_len:
+        raise RequestError(f"prompt is {len(ids)} tokens but the context holds {max_model_len} "
+                           "(including at least one generated token)")
+    return ids
+
+
 class Engine:
     """Holds the model, the KV cache and the scheduler; `step()` advances every running request by one step."""
 
@@ -213,26 +237,7 @@ class Engine:
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a prompt, checked against the vocabulary and the context length."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise RequestError("prompt is empty")
-            if self.tokenizer is None:
-                raise RequestError("this model has no tokenizer: pass the prompt as token ids")
-            ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            ids = list(prompt)
-            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
-            if bad:
-                raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary "
-                                   f"[0, {self.model_config.vocab_size})")
-        else:
-            raise RequestError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        if not ids:
-            raise RequestError("prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise RequestError(f"prompt is {len(ids)} tokens but the context holds {self.max_model_len} "
-                               "(including at least one generated token)")
-        return ids
+        return encode_prompt(self.tokenizer, prompt, self.model_config.vocab_size, self.max_model_len)
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its pages; unknown or finished ids are ignored."""

@@ -35,6 +35,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # kept in arrival order
+        self.num_preemptions = 0  # since start, over all sequences (for monitoring)
 
     @property
     def num_unfinished(self) -> int:
@@ -118,6 +119,7 @@ class Scheduler:
         step.prefill = [(s, n) for s, n in step.prefill if s is not victim]
         self._release(victim)
         victim.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(victim)
         step.preempted.append(victim)
         return True

@@ -1,0 +1,61 @@
+"""Start-up shared by the front ends that run over MPI ranks (`batch`, `serve`): the engine settings from the
+command line, and the collective steps that give every rank its part of a data/tensor-parallel replica."""
+from __future__ import annotations
+
+import os
+
+from .engine import EngineConfig
+
+
+def engine_config(args, device: str | None) -> EngineConfig:
+    """EngineConfig from the model flags (cli._add_model_flags) and --max-num-seqs."""
+    return EngineConfig(device=device, dtype=args.dtype, attention=args.attention, kv_dtype=args.kv_dtype,
+                        rope_scaling=args.rope_scaling, quant=args.quant, max_model_len=args.max_model_len,
+                        kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs)
+
+
+def agreed_settings(args) -> dict:
+    """What every rank must agree on (compared at start-up)."""
+    # Not the model path: nodes may hold their own copies; the weights hash compares what was loaded.
+    keys = ("dtype", "attention", "kv_dtype", "rope_scaling", "quant", "max_model_len", "kv_cache_tokens",
+            "max_num_seqs", "tp", "dp", "comm")
+    return {k: getattr(args, k) for k in keys}
+
+
+def rank_device(args, info):
+    """This rank's torch device: --device, else the rank's GPU, else the CPU (then one torch thread pool per rank
+    sharing the node's cores, not one per core each)."""
+    import torch
+    from ringlet.mpi.ranks import device_for
+    if args.device is None and not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_size))
+    return torch.device(args.device) if args.device else device_for(info, torch)
+
+
+def build_replica(args, info, world, device):
+    """Collective over `world` (every rank calls it at once): load the checkpoint, check that every rank runs the
+    same settings and weights, and build this rank's part of its replica.
+
+    Returns (layout: ringlet.mpi.parallel.Layout, replica: ringlet.mpi.parallel.Replica, messages: a duplicate of
+    `world` for the messages between rank 0 and the replica leaders). Raises watchdog.RankError on every rank when
+    any rank fails (a bad flag, a model that cannot be split, ranks that disagree).
+    """
+    from ringlet.mpi import agree, watchdog
+    from ringlet.mpi.parallel import Replica, make_layout
+    from ringlet.mpi.tp import check_tp
+
+    from .checkpoint import load_checkpoint
+
+    def load():
+        layout = make_layout(info.world_size, info.rank, args.tp, args.dp)
+        checkpoint = load_checkpoint(args.model)
+        check_tp(checkpoint.config, layout.tp)
+        return layout, checkpoint, agree.fingerprint(agreed_settings(args), checkpoint.weights)
+
+    layout, checkpoint, mine = watchdog.collective(world, load)
+    watchdog.collective(world, agree.check_agreement, world, mine)
+    group = world.Split(color=layout.replica, key=info.rank)
+    messages = world.Dup()  # rank 0 <-> leaders; apart from every other message
+    replica = watchdog.collective(world, Replica, layout, group, world, checkpoint,
+                                  engine_config(args, str(device)), args.comm, device)
+    return layout, replica, messages
