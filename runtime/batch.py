@@ -287,41 +287,31 @@ def _run_single(args) -> int:
 
 
 def _run_ranks(args, info) -> int:
-    from mpi4py import MPI
-    from ringlet.mpi import watchdog
     from ringlet.mpi.control import Mailbox
     from ringlet.mpi.router import ReplicaServer, follow, route
 
-    from .replica_setup import build_replica, rank_device
+    from .replica_setup import run_on_ranks
 
-    world = MPI.COMM_WORLD
-    device = rank_device(args, info)
-    with watchdog.Watchdog(world, timeout=args.heartbeat_timeout) as dog:
-        try:
-            layout, replica, messages = build_replica(args, info, world, device)
-            driver = watchdog.collective(
-                world, lambda: Driver(args, replica.engine.tokenizer) if info.rank == 0 else None)
-        except watchdog.RankError:
+    def prepare(layout, replica):
+        return Driver(args, replica.engine.tokenizer) if info.rank == 0 else None
+
+    def work(layout, replica, messages, driver):
+        if layout.leader:
+            mailbox = Mailbox(messages)
+            server = ReplicaServer(replica.engine)
             if info.rank == 0:
-                raise
-            return 1
-        dog.ready()
-        try:
-            if layout.leader:
-                mailbox = Mailbox(messages)
-                server = ReplicaServer(replica.engine)
-                if info.rank == 0:
-                    route(server, driver.items, driver.finish, args.max_num_seqs, mailbox, layout.leaders)
-                else:
-                    follow(server, mailbox)
-                replica.stop_workers()
+                route(server, driver.items, driver.finish, args.max_num_seqs, mailbox, layout.leaders)
             else:
-                replica.serve_plans()
-            summary = driver.close() if info.rank == 0 else None
-            world.Barrier()  # everyone done while heartbeats still run: a rank lost here is still reported
-        except Exception as e:
-            watchdog.fail(e)
-        dog.stop()
+                follow(server, mailbox)
+            replica.stop_workers()
+        else:
+            replica.serve_plans()
+        return driver.close() if info.rank == 0 else None
+
+    done = run_on_ranks(args, info, prepare, work)
+    if done is None:
+        return 1
+    layout, summary = done
     if info.rank == 0:
         print(json.dumps({**summary, "ranks": info.world_size, "tp": layout.tp, "dp": layout.dp}))
     return 0

@@ -1,5 +1,6 @@
 """Start-up shared by the front ends that run over MPI ranks (`batch`, `serve`): the engine settings from the
-command line, and the collective steps that give every rank its part of a data/tensor-parallel replica."""
+command line, the collective steps that give every rank its part of a data/tensor-parallel replica, and the
+watchdog-guarded skeleton both run (`run_on_ranks`)."""
 from __future__ import annotations
 
 import os
@@ -59,3 +60,36 @@ def build_replica(args, info, world, device):
     replica = watchdog.collective(world, Replica, layout, group, world, checkpoint,
                                   engine_config(args, str(device)), args.comm, device)
     return layout, replica, messages
+
+
+def run_on_ranks(args, info, prepare, work):
+    """Run a multi-rank front end on this rank, under a Watchdog (see ringlet.mpi.watchdog).
+
+    Set-up, collective (every rank at once; an error on any rank raises on rank 0 with that rank's message and
+    makes the others return None): build this rank's part of its replica, then `prepare(layout, replica)`, this
+    rank's front-end state (e.g. rank 0's input or socket). Then `work(layout, replica, messages, state)`, whose
+    result is returned as (layout, result); a rank that raises in `work` ends every rank (MPI Abort, with its
+    message). Every rank meets a barrier after `work` while heartbeats still run, so a rank lost at the very end is
+    still reported.
+    """
+    from mpi4py import MPI
+    from ringlet.mpi import watchdog
+
+    world = MPI.COMM_WORLD
+    device = rank_device(args, info)
+    with watchdog.Watchdog(world, timeout=args.heartbeat_timeout) as dog:
+        try:
+            layout, replica, messages = build_replica(args, info, world, device)
+            state = watchdog.collective(world, prepare, layout, replica)
+        except watchdog.RankError:
+            if info.rank == 0:
+                raise
+            return None
+        dog.ready()
+        try:
+            result = work(layout, replica, messages, state)
+            world.Barrier()
+        except Exception as e:
+            watchdog.fail(e)
+        dog.stop()
+    return layout, result

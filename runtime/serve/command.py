@@ -83,40 +83,28 @@ def _run_single(args) -> int:
 
 
 def _run_ranks(args, info) -> int:
-    from mpi4py import MPI
     from ringlet.mpi import watchdog
     from ringlet.mpi.control import Mailbox
     from ringlet.mpi.serve_router import ServeRouter, lead
 
-    from ..replica_setup import build_replica, rank_device
+    from ..replica_setup import run_on_ranks
     from .server import serve_http
 
-    world = MPI.COMM_WORLD
-    device = rank_device(args, info)
-    with watchdog.Watchdog(world, timeout=args.heartbeat_timeout) as dog:
-        try:
-            layout, replica, messages = build_replica(args, info, world, device)
-            sock = watchdog.collective(world, lambda: bind(args.host, args.port) if info.rank == 0 else None)
-        except watchdog.RankError:
-            if info.rank == 0:
-                raise
-            return 1
-        dog.ready()
-        try:
-            if info.rank == 0:
-                router = ServeRouter(replica.engine, Mailbox(messages), layout.leaders)
-                serve_http(args, sock, router, replica.engine, on_fatal=watchdog.fail, dp=layout.dp, tp=layout.tp)
-            else:
-                # Ctrl-C reaches every rank of an mpirun job; only rank 0 acts on it, and stops the others.
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                if layout.leader:
-                    lead(replica.engine, Mailbox(messages))
-                else:
-                    replica.serve_plans()
+    def prepare(layout, replica):
+        return bind(args.host, args.port) if info.rank == 0 else None
+
+    def work(layout, replica, messages, sock):
+        if info.rank == 0:
+            router = ServeRouter(replica.engine, Mailbox(messages), layout.leaders)
+            serve_http(args, sock, router, replica.engine, on_fatal=watchdog.fail, dp=layout.dp, tp=layout.tp)
+        else:
+            # Ctrl-C reaches every rank of an mpirun job; only rank 0 acts on it, and stops the others.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             if layout.leader:
-                replica.stop_workers()
-            world.Barrier()  # everyone done while heartbeats still run: a rank lost here is still reported
-        except Exception as e:
-            watchdog.fail(e)
-        dog.stop()
-    return 0
+                lead(replica.engine, Mailbox(messages))
+            else:
+                replica.serve_plans()
+        if layout.leader:
+            replica.stop_workers()
+
+    return 0 if run_on_ranks(args, info, prepare, work) is not None else 1
