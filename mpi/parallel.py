@@ -58,7 +58,8 @@ def make_layout(world_size: int, rank: int, tp: int = 1, dp: int | None = None) 
         raise ConfigError(f"--tp and --dp must be >= 1, got tp={tp}, dp={dp}")
     if dp is None:
         if world_size % tp:
-            raise ConfigError(f"--tp {tp} does not divide the job's {world_size} ranks")
+            raise ConfigError(f"--tp {tp} does not divide the job's {world_size} ranks; start it with "
+                              f"`./launch.sh -n {tp * max(1, world_size // tp)} ...` or change --tp")
         dp = world_size // tp
     if tp * dp != world_size:
         raise ConfigError(f"--tp {tp} x --dp {dp} = {tp * dp} ranks, but the job has {world_size}; start it with "

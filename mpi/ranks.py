@@ -8,6 +8,7 @@ at all: a plain `python -m ringlet ...` never imports mpi4py, because importing 
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -69,8 +70,10 @@ def _expected_size(env):
     return None
 
 
+@functools.cache
 def discover() -> RankInfo:
-    """This process's RankInfo: RankInfo(0, 1, 0, 1) when no launcher started it, else asked of MPI.
+    """This process's RankInfo: RankInfo(0, 1, 0, 1) when no launcher started it, else asked of MPI, once per
+    process (the asking is collective: a later call, made after other ranks have left, must not ask again).
 
     Raises RuntimeError naming the fix when a launcher started the process but mpi4py (or the MPI library it
     loads) is missing, or when MPI sees a different world size than the launcher started, which is what happens

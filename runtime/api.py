@@ -27,6 +27,13 @@ class LLM:
         self.engine = Engine.from_path(model, EngineConfig(**engine_options))
         self.tokenizer = self.engine.tokenizer
 
+    @classmethod
+    def from_engine(cls, engine: Engine) -> "LLM":
+        """An LLM over an engine built elsewhere (a tensor-parallel replica's: ringlet.mpi.parallel.Replica)."""
+        llm = cls.__new__(cls)
+        llm.engine, llm.tokenizer = engine, engine.tokenizer
+        return llm
+
     def generate(self, prompts: str | Seq[str] | Seq[list[int]],
                  params: SamplingParams | Seq[SamplingParams] | None = None) -> list[CompletionOutput]:
         """Complete every prompt (continuously batched) and return the outputs in prompt order.

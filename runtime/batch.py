@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RingletError
+from .replica_setup import add_rank_flags
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos")
 
@@ -40,14 +41,7 @@ def add_parser(sub, add_model_flags, add_sampling_flags) -> None:
     p = sub.add_parser("batch", help="offline batch inference over a JSONL file (resumable; MPI ranks share it)")
     p.add_argument("--input", required=True, help="JSONL file: one request object per line")
     p.add_argument("--output", required=True, help="JSONL file written in input order (OUT.journal while running)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica (default 1)")
-    p.add_argument("--dp", type=int, help="data-parallel replicas (default: ranks / tp)")
-    p.add_argument("--comm", default="auto", choices=["auto", "ring", "mpi", "nccl"],
-                   help="communicator for tensor-parallel all-reduces (default auto: NCCL on GPUs, else ring or "
-                        "MPI by message size)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences each replica runs at once")
-    p.add_argument("--heartbeat-timeout", type=float, default=20.0,
-                   help="seconds of silence after which a hung rank ends the job (default 20; 180 while loading)")
+    add_rank_flags(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_sampling_flags(p, temperature=0.0)
     add_model_flags(p)

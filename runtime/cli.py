@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from .errors import RingletError
+from .errors import ConfigError, RingletError
 from .sampling_params import SamplingParams
 
 
@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object: text, token ids, timings")
     _add_sampling_flags(gen, temperature=0.0)
     _add_model_flags(gen)
+    from .replica_setup import add_rank_flags
+    add_rank_flags(gen)  # `./launch.sh -n T generate --tp T`: one replica split over T ranks
 
     chat = sub.add_parser("chat", help="interactive chat with the model's chat template")
     chat.add_argument("--system", help="system message")
@@ -100,11 +102,55 @@ def _params(args) -> SamplingParams:
 
 
 def cmd_generate(args) -> int:
+    from ringlet.mpi.ranks import discover
     params = _params(args)
+    info = discover()
+    if info.world_size > 1 and args.tp > 1:
+        return _generate_on_ranks(args, params, info)
+    # (MPI is not touched here: ranks other than 0 have already left, and an MPI start would wait for them.)
+    if args.tp != 1:
+        raise ConfigError(f"--tp {args.tp} needs {args.tp} ranks: `./launch.sh -n {args.tp} generate --tp {args.tp} ...`")
+    if args.dp not in (None, 1):
+        raise ConfigError(f"generate runs one prompt on one replica, so --dp must be 1, got {args.dp}")
     llm = _llm(args)
+    return _generate(args, params, llm, _prompt(args, llm))
+
+
+def _prompt(args, llm) -> str:
+    """--prompt, in the chat template with --chat; RequestError if the model cannot take it."""
     prompt = args.prompt
     if args.chat:
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    llm.engine.encode(prompt)
+    return prompt
+
+
+def _generate_on_ranks(args, params: SamplingParams, info) -> int:
+    """generate with its model split over every rank (--tp = ranks): rank 0 runs the engine and prints, the
+    others replay its plans on their shards. Bad flags or a bad prompt end every rank with one error line."""
+    from .api import LLM
+    from .replica_setup import run_on_ranks
+
+    def prepare(layout, replica):
+        if layout.dp != 1:
+            raise ConfigError(f"generate runs one prompt on one replica, so --dp must be 1, got {layout.dp} "
+                              f"(start it as `./launch.sh -n {info.world_size} generate --tp {info.world_size}`)")
+        if info.rank != 0:
+            return None
+        llm = LLM.from_engine(replica.engine)
+        return llm, _prompt(args, llm)
+
+    def work(layout, replica, messages, state):
+        if info.rank == 0:
+            _generate(args, params, *state)
+            replica.stop_workers()
+        else:
+            replica.serve_plans()
+
+    return 0 if run_on_ranks(args, info, prepare, work) is not None else 1
+
+
+def _generate(args, params: SamplingParams, llm, prompt: str) -> int:
     start = time.perf_counter()
     first = None
     token_ids: list[int] = []
@@ -220,7 +266,8 @@ def cmd_serve(args) -> int:
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "quantize": cmd_quantize,
             "batch": cmd_batch, "serve": cmd_serve}
-# Commands every rank runs (they split the work over MPI); the others run on rank 0 alone.
+# Commands every rank runs (they split the work over MPI); the others run on rank 0 alone (generate too, unless its
+# model is split with --tp).
 MULTI_RANK = {"batch", "serve"}
 
 
@@ -228,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         from ringlet.mpi.ranks import discover
-        if args.command not in MULTI_RANK and discover().rank != 0:
+        every_rank = args.command in MULTI_RANK or (args.command == "generate" and args.tp > 1)  # --tp: a split model
+        if not every_rank and discover().rank != 0:
             return 0  # multi-rank work arrives with tensor/data parallelism; other ranks have nothing to do yet
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -5,11 +5,22 @@ from __future__ import annotations
 
 import os
 
-from .engine import EngineConfig
+
+def add_rank_flags(p) -> None:
+    """The flags of the commands that run over MPI ranks: --tp, --dp, --comm, --max-num-seqs, --heartbeat-timeout."""
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica (default 1)")
+    p.add_argument("--dp", type=int, help="data-parallel replicas (default: ranks / tp)")
+    p.add_argument("--comm", default="auto", choices=["auto", "ring", "mpi", "nccl"],
+                   help="communicator for tensor-parallel all-reduces (default auto: NCCL on GPUs, else ring or "
+                        "MPI by message size)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences each replica runs at once")
+    p.add_argument("--heartbeat-timeout", type=float, default=20.0,
+                   help="seconds of silence after which a hung rank ends the job (default 20; 180 while loading)")
 
 
-def engine_config(args, device: str | None) -> EngineConfig:
+def engine_config(args, device: str | None):
     """EngineConfig from the model flags (cli._add_model_flags) and --max-num-seqs."""
+    from .engine import EngineConfig
     return EngineConfig(device=device, dtype=args.dtype, attention=args.attention, kv_dtype=args.kv_dtype,
                         rope_scaling=args.rope_scaling, quant=args.quant, max_model_len=args.max_model_len,
                         kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs)

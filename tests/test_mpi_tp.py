@@ -1,8 +1,10 @@
 """Tensor parallel under real mpirun: greedy output token for token equal to one rank's; clear refusals."""
+import json
 import sys
 
 import pytest
 from mpi_util import (
+    LAUNCH,
     batch,
     clean_env,
     mpirun_path,
@@ -95,3 +97,25 @@ def test_ranks_with_different_settings_refuse(random_model, tmp_path):
     res = _mpmd(["--model", model], ["--model", model, "--kv-dtype", "fp32"], src, tmp_path / "o.jsonl")
     assert res.returncode != 0
     assert "ranks disagree on the configuration: rank 1 has" in res.stderr, res.stderr
+
+
+def test_generate_tp2_equals_one_rank(random_model):
+    model = random_model[0]
+    flags = ["--model", str(model), "--prompt", "Once upon a time", "--max-tokens", "6", "--json"]
+    one = run([sys.executable, "-m", "ringlet", "generate", *flags], env=clean_env())
+    assert one.returncode == 0, one.stderr
+    two = run([LAUNCH, "-n", "2", "generate", "--tp", "2", *flags])
+    assert two.returncode == 0, two.stderr
+    want, got = json.loads(one.stdout), json.loads(two.stdout)
+    assert len(got["token_ids"]) == 6
+    assert got["token_ids"] == want["token_ids"] and got["text"] == want["text"]
+
+
+@pytest.mark.parametrize("launch,flags,message", [
+    (["-n", "4"], ["--tp", "2"], "--dp must be 1, got 2"),
+    (["-n", "1"], ["--tp", "2"], "--tp 2 needs 2 ranks: `./launch.sh -n 2 generate --tp 2 ...`"),
+], ids=["two-replicas", "tp-without-ranks"])
+def test_generate_refuses_a_layout_it_cannot_run(random_model, launch, flags, message):
+    res = run([LAUNCH, *launch, "generate", "--model", str(random_model[0]), "--prompt", "hi", *flags])
+    assert res.returncode == 1
+    assert res.stderr.count("ringlet: error:") == 1 and message in res.stderr, res.stderr

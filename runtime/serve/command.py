@@ -14,6 +14,7 @@ import signal
 import socket
 
 from ..errors import ConfigError, RingletError
+from ..replica_setup import add_rank_flags
 
 
 def add_parser(sub, add_model_flags) -> None:
@@ -27,13 +28,7 @@ def add_parser(sub, add_model_flags) -> None:
     p.add_argument("--served-model-name", help="the model name clients ask for (default: the --model value)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="sequences that may wait beyond those running before requests get 429 (default 256)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences each replica runs at once")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica (default 1)")
-    p.add_argument("--dp", type=int, help="data-parallel replicas (default: ranks / tp)")
-    p.add_argument("--comm", default="auto", choices=["auto", "ring", "mpi", "nccl"],
-                   help="communicator for tensor-parallel all-reduces (default auto)")
-    p.add_argument("--heartbeat-timeout", type=float, default=20.0,
-                   help="seconds of silence after which a hung rank ends the job (default 20; 180 while loading)")
+    add_rank_flags(p)
     add_model_flags(p)
 
 
