@@ -112,8 +112,21 @@ class _Packed:
         return self.qweight.shape[1] * (32 // self.BITS)
 
 
+class _SignedCodes(_Packed):
+    """Weights whose fields are signed codes + OFFSET, with scales and no zero points (int8, ternary)."""
+    OFFSET: int
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.qweight, self.scales)
+
+    def codes(self) -> torch.Tensor:
+        """int8 [N, K] (ternary: in {-1, 0, 1})."""
+        return (unpack_fields(self.qweight, self.BITS, self.layout_group) - self.OFFSET).to(torch.int8)
+
+
 @dataclass
-class Int8Weight(_Packed):
+class Int8Weight(_SignedCodes):
     """Weight-only int8 with one scale per output channel: w = codes * scales[:, None].
 
     qweight int32 [N, K // 4] (internal packing, fields code + 128), scales [N] float, layout_group: the
@@ -142,14 +155,6 @@ class Int8Weight(_Packed):
         check_tensor("scales", scales, (n,), SCALE_DTYPES, codes.device, layout="any")
         group = _layout_group(k, 4, "codes")
         return cls(pack_fields(codes.to(torch.int64) + cls.OFFSET, cls.BITS, group), scales.contiguous(), group)
-
-    @property
-    def nbytes(self) -> int:
-        return _nbytes(self.qweight, self.scales)
-
-    def codes(self) -> torch.Tensor:
-        """int8 [N, K]."""
-        return (unpack_fields(self.qweight, self.BITS, self.layout_group) - self.OFFSET).to(torch.int8)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[N, K] in `dtype`, computed in float32."""
@@ -385,7 +390,7 @@ class Int4Weight(_Packed):
 
 
 @dataclass
-class TernaryWeight(_Packed):
+class TernaryWeight(_SignedCodes):
     """BitNet b1.58 ternary weight, 2 bits per value: w = codes * s, codes in {-1, 0, 1}, s per group of
     `group_size` columns ([N, K // G]) or one per tensor ([1], group_size None).
 
@@ -434,14 +439,6 @@ class TernaryWeight(_Packed):
             group = group_size
         return cls(pack_fields(codes.to(torch.int64) + cls.OFFSET, cls.BITS, group), scales.contiguous(), group_size,
                    group)
-
-    @property
-    def nbytes(self) -> int:
-        return _nbytes(self.qweight, self.scales)
-
-    def codes(self) -> torch.Tensor:
-        """int8 [N, K] in {-1, 0, 1}."""
-        return (unpack_fields(self.qweight, self.BITS, self.layout_group) - self.OFFSET).to(torch.int8)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         scales = self.scales.float()

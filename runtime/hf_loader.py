@@ -51,7 +51,7 @@ def hf_name(name: str) -> str:
 def load_hf_dir(directory: Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
     """Load an HF checkpoint directory (see module docstring). Weights are CPU tensors in `dtype`."""
     config_path = directory / "config.json"
-    raw = _read_json_object(config_path)
+    raw = read_json_object(config_path)
     config = config_from_hf(raw, config_path)
     source = _SafetensorsTensors(directory)  # finds the weight files first: refuses pickles before anything else
     tokenizer = load_hf_tokenizer(directory, raw)
@@ -72,9 +72,9 @@ def load_hf_tokenizer(directory: Path, model_config: dict[str, Any]) -> Tokenize
                               f"a sentencepiece tokenizer.model alone is not supported)")
     template_file = directory / "chat_template.jinja"
     return Tokenizer.from_hf(
-        tokenizer_file, _read_json_object(directory / "tokenizer_config.json", optional=True),
+        tokenizer_file, read_json_object(directory / "tokenizer_config.json", optional=True),
         model_config=model_config,
-        generation_config=_read_json_object(directory / "generation_config.json", optional=True),
+        generation_config=read_json_object(directory / "generation_config.json", optional=True),
         chat_template=template_file.read_text(encoding="utf-8") if template_file.is_file() else None)
 
 
@@ -243,7 +243,7 @@ def _weight_files(directory: Path) -> list[Path]:
     """The safetensors files of a checkpoint: those the index names, else every *.safetensors."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json_object(index).get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: no 'weight_map' object")
         files = [directory / name for name in sorted(set(weight_map.values()))]
@@ -262,7 +262,8 @@ def _weight_files(directory: Path) -> list[Path]:
     raise CheckpointError(f"{directory}: no *.safetensors weight files")
 
 
-def _read_json_object(path: Path, optional: bool = False) -> dict[str, Any]:
+def read_json_object(path: Path, optional: bool = False) -> dict[str, Any]:
+    """The JSON object in `path` ({} for a missing optional file); CheckpointError naming the file otherwise."""
     if optional and not path.exists():
         return {}
     try:

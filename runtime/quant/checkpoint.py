@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from ..checkpoint import Checkpoint, weight_shapes
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
-from ..hf_loader import config_from_hf, load_hf_tokenizer
+from ..hf_loader import config_from_hf, load_hf_tokenizer, read_json_object
 from ..model import LINEARS
 
 FORMAT = "ringlet-quant-1"
@@ -84,8 +84,8 @@ def save_quantized(qm, checkpoint: Checkpoint, out: str | Path) -> Path:
 
 def quantization_kind(directory: Path) -> str | None:
     """"ringlet", "gptq" or "awq" for a quantized HF-style directory, else None."""
-    raw = _json(directory / "config.json")
-    qc = raw.get("quantization_config") or (_json(directory / "quantize_config.json")
+    raw = read_json_object(directory / "config.json")
+    qc = raw.get("quantization_config") or (read_json_object(directory / "quantize_config.json")
                                            if (directory / "quantize_config.json").is_file() else None)
     if not qc:
         return None
@@ -100,13 +100,13 @@ def load_quantized_dir(directory: Path, dtype: torch.dtype = torch.float32) -> C
     """Load a quantized directory (see module docstring) into a Checkpoint whose weights hold quantized
     projections under model.LINEARS names."""
     kind = quantization_kind(directory)
-    raw = _json(directory / "config.json")
+    raw = read_json_object(directory / "config.json")
     config = config_from_hf({k: v for k, v in raw.items() if k != "quantization_config"}, directory / "config.json")
     tokenizer = load_hf_tokenizer(directory, raw)
     if kind == "ringlet":
         weights = _load_ringlet(directory / WEIGHTS_FILE, config, dtype)
     else:
-        qc = raw.get("quantization_config") or _json(directory / "quantize_config.json")
+        qc = raw.get("quantization_config") or read_json_object(directory / "quantize_config.json")
         from .hf_formats import load_autoquant
         weights = load_autoquant(directory, config, qc, kind, dtype)
     return Checkpoint(config=config, weights=weights, tokenizer=tokenizer, source=str(directory))
@@ -180,13 +180,3 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
     except (safetensors.SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def _json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
