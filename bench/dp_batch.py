@@ -6,7 +6,8 @@ on a Llama-7B-shaped model with random bf16 weights (one whole replica per GPU).
 
 The workload: --requests prompts of random token ids (lengths uniform in [--min-prompt, --max-prompt]) asking for
 uniform [--min-tokens, --max-tokens] new tokens each (greedy, ignore_eos), fixed seed, so both phases do the same
-work. Phase 1: rank 0 alone routes every request to its own engine (`ringlet.mpi.router.route`, one replica).
+work. Phase 1: rank 0 alone routes every request to its own engine (`ringlet.mpi.router.route`, one replica;
+longest max_tokens first, as `batch` does).
 Phase 2: rank 0 routes to both replicas (least-loaded first, results back over MPI), rank 1 follows. Before
 either phase each rank runs a warm-up pass whose batch shrinks from --max-num-seqs to 1 and whose prompts span the
 workload's lengths, so CUDA graphs are captured and kernels compiled before the clock starts. Reported: generated tokens per second of each phase and their ratio (DESIGN.md target:

@@ -3,7 +3,8 @@
 An item is {"i": index, "prompt": str | list[int], "params": SamplingParams fields}; a result is {"i": index, ...}
 (`ReplicaServer.result`). Rank 0 keeps up to `capacity` unfinished items on each replica and gives the next item
 to the replica with the fewest (ties: the lowest replica), so replicas that finish early get more; rank 0 also runs
-replica 0 itself between polls. Leaders send results back as they finish. All messages are msgpack over MPI
+replica 0 itself between polls. Items go out longest first (`longest_first`). Leaders send results back as they
+finish, in any order (`batch` journals each one as it arrives). All messages are msgpack over MPI
 (`control.Mailbox`: non-blocking sends, polled receives), so rank 0 and a leader can never block on each other.
 """
 from __future__ import annotations
@@ -58,6 +59,23 @@ class ReplicaServer:
         return done
 
 
+def longest_first(items: Iterable[dict]) -> list[dict]:
+    """Items by decreasing max_tokens, input order among equals (a missing or malformed value counts as the
+    default and is left for ReplicaServer.add to reject).
+
+    A request holds a batch slot for up to max_tokens decode steps. In input order the last long requests start
+    when the queue runs dry and finish alone, on one replica while the others idle: that tail is the same length
+    whatever the replica count, so it eats into DP's gain (bench/dp_batch.py). Started first, they overlap the
+    short ones (longest-processing-time-first scheduling)."""
+    default = SamplingParams().max_tokens
+
+    def tokens(item: dict) -> int:
+        value = item["params"].get("max_tokens", default) if isinstance(item.get("params"), dict) else default
+        return value if type(value) is int else default
+
+    return sorted(items, key=tokens, reverse=True)
+
+
 def route(local: ReplicaServer, items: Iterable[dict], on_result: Callable[[dict], None], capacity: int,
           mailbox=None, leaders: list[int] | None = None, idle_sleep: float = 0.002) -> None:
     """Rank 0: run every item on some replica, calling on_result once per item (in completion order).
@@ -66,7 +84,7 @@ def route(local: ReplicaServer, items: Iterable[dict], on_result: Callable[[dict
     world communicator (None for a single replica). Sends STOP to the other leaders at the end.
     """
     leaders = leaders or [0]
-    pending = deque(items)
+    pending = deque(longest_first(items))
     total = len(pending)
     load = [0] * len(leaders)
     done = 0

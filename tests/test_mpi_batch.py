@@ -105,3 +105,21 @@ def test_finished_output_counts_only_when_ids_match(tmp_path):
     assert set(load_finished_output(out, lines)) == {0, 1}
     write_jsonl(out, [{"id": "a", "index": 0}, {"id": "x", "index": 1}])
     assert load_finished_output(out, lines) == {}
+
+
+def test_router_starts_the_longest_requests_first(checkpoint):
+    """One replica, one slot: items run one at a time, so the order results arrive in is the dispatch order."""
+    from ringlet.engine import Engine, EngineConfig
+    from ringlet.mpi.router import ReplicaServer, route
+
+    lengths = [2, 5, 3, 5, 1]
+    items = [{"i": i, "prompt": [100 + i, 200], "params": {"max_tokens": n, "ignore_eos": True}}
+             for i, n in enumerate(lengths)]
+    items.append({"i": 5, "prompt": [300], "params": {"max_tokens": "many"}})  # rejected, never fatal
+    finished = []
+    route(ReplicaServer(Engine(checkpoint, EngineConfig(device="cpu", max_num_seqs=1))), items, finished.append,
+          capacity=1)
+    ran = [r for r in finished if "error" not in r]
+    assert [r["i"] for r in ran] == [1, 3, 2, 0, 4]
+    assert [len(r["token_ids"]) for r in ran] == [5, 5, 3, 2, 1]
+    assert [r["i"] for r in finished if "error" in r] == [5]
