@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from mpi4py import MPI
 from ringlet.checkpoint import Checkpoint
@@ -30,7 +32,7 @@ from ringlet.engine import Engine, EngineConfig
 from ringlet.model import random_weights
 from ringlet.mpi.control import Mailbox
 from ringlet.mpi.ranks import device_for, discover
-from ringlet.mpi.router import ReplicaServer, follow, route
+from ringlet.mpi.router import ReplicaServer, follow, in_flight, route
 
 from result_files import write_results
 
@@ -59,6 +61,42 @@ def warm_up_items(args) -> list[dict]:
     lengths = [args.min_prompt + (args.max_prompt - args.min_prompt) * i // max(1, n - 1) for i in range(n)]
     return [{"i": i, "prompt": [5 + (i + j) % 97 for j in range(length)],
              "params": {"max_tokens": i + 1, "temperature": 0.0, "ignore_eos": True}} for i, length in enumerate(lengths)]
+
+
+class CountingServer(ReplicaServer):
+    """A ReplicaServer that also counts, per phase, its engine steps, the seconds spent inside them and what it
+    finished: a DP phase slower than its share shows whether replicas ran fewer sequences per step (idle slots)
+    or slower steps."""
+
+    def __init__(self, engine: Engine):
+        super().__init__(engine)
+        self.reset()
+
+    def reset(self) -> None:
+        self.requests, self.tokens, self.steps, self.step_s = 0, 0, 0, 0.0
+
+    def step(self) -> None:
+        start = time.perf_counter()
+        super().step()
+        self.step_s += time.perf_counter() - start
+        self.steps += 1
+
+    def take(self) -> list[dict]:
+        done = super().take()
+        self.requests += len(done)
+        self.tokens += sum(len(r.get("token_ids", ())) for r in done)
+        return done
+
+    def counts(self) -> np.ndarray:
+        return np.array([self.requests, self.tokens, self.steps, self.step_s], dtype=np.float64)
+
+
+def replica_stats(counts: np.ndarray, seconds: float) -> dict:
+    """One replica's phase from CountingServer.counts(); seconds: the phase's wall time."""
+    requests, tokens, steps, step_s = counts.tolist()
+    return {"requests": int(requests), "generated_tokens": int(tokens), "steps": int(steps),
+            "tokens_per_step": round(tokens / max(steps, 1), 2), "ms_per_step": round(1e3 * step_s / max(steps, 1), 3),
+            "outside_steps_s": round(seconds - step_s, 3)}
 
 
 def run_phase(server: ReplicaServer, items: list[dict], capacity: int, mailbox, leaders) -> tuple[float, int]:
@@ -100,9 +138,9 @@ def main() -> int:
     device = torch.device("cpu") if args.smoke else device_for(info, torch)
     if not args.smoke and device.type != "cuda":
         ap.error("no CUDA GPU on this rank: run on 2 GPUs, or pass --smoke")
-    if args.smoke:
-        torch.set_num_threads(1)
-    else:
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)  # as `batch` does on a GPU rank (ringlet.replica_setup.rank_device)
+    if not args.smoke:
         torch.cuda.set_device(device)  # Triton launches on the current device
     cfg = SMOKE if args.smoke else ModelConfig.from_name(args.shape)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -111,7 +149,7 @@ def main() -> int:
                     EngineConfig(device=str(device), dtype="bf16" if device.type == "cuda" else "fp32",
                                  max_num_seqs=args.max_num_seqs, max_model_len=max_len,
                                  kv_cache_tokens=(args.max_num_seqs + 1) * max_len))
-    server = ReplicaServer(engine)
+    server = CountingServer(engine)
     items = workload(args, cfg.vocab_size)
     mailbox = Mailbox(world.Dup())
     result = {}
@@ -119,22 +157,30 @@ def main() -> int:
     # Phase 1: rank 0's replica alone; rank 1 waits.
     if info.rank == 0:
         run_phase(server, warm_up_items(args), args.max_num_seqs, None, None)
-        seconds, tokens = run_phase(server, items, args.max_num_seqs, None, None)
+        server.reset()
+        seconds, tokens = run_phase(server, items, in_flight(args.max_num_seqs), None, None)
         result["one_rank"] = {"seconds": round(seconds, 3), "generated_tokens": tokens,
-                              "tok_s": round(tokens / seconds, 1)}
+                              "tok_s": round(tokens / seconds, 1), "replica": replica_stats(server.counts(), seconds)}
         print(json.dumps({"one_rank": result["one_rank"]}), flush=True)
     else:
         run_phase(server, warm_up_items(args), args.max_num_seqs, None, None)
     world.Barrier()
+    server.reset()
 
     # Phase 2: both replicas, rank 0 routing.
     if info.rank == 0:
-        seconds, tokens = run_phase(server, items, args.max_num_seqs, mailbox, [0, 1])
+        seconds, tokens = run_phase(server, items, in_flight(args.max_num_seqs), mailbox, [0, 1])
         result["dp2"] = {"seconds": round(seconds, 3), "generated_tokens": tokens, "tok_s": round(tokens / seconds, 1)}
         result["ratio"] = round(result["dp2"]["tok_s"] / result["one_rank"]["tok_s"], 3)
-        print(json.dumps({"dp2": result["dp2"], "ratio": result["ratio"]}), flush=True)
     else:
+        seconds = 0.0
         follow(server, mailbox)
+    # Each rank's counts to rank 0 as numbers (Gather), not pickled objects.
+    every = np.zeros((2, 4)) if info.rank == 0 else None
+    world.Gather(server.counts(), every, root=0)
+    if info.rank == 0:
+        result["dp2"]["replicas"] = [replica_stats(c, seconds) for c in every]
+        print(json.dumps({"dp2": result["dp2"], "ratio": result["ratio"]}), flush=True)
     world.Barrier()
     if info.rank == 0:
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-smoke"
