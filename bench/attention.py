@@ -1,6 +1,8 @@
 """Sparse-pattern and FP8 paged attention on the GPU, beside torch SDPA and beside our own dense kernel.
 
     python bench/attention.py [--out PATH]   # on an H100/H200: about 3 minutes
+    python bench/attention.py --only decode  # only the decode rows (every pattern, and the SDPA peers)
+    python bench/attention.py --only decode-peer  # only dense decode at 32K (bf16, FP8) against SDPA: seconds
     python bench/attention.py --smoke        # on the CPU through Triton's interpreter, tiny sizes: does it run?
     python bench/attention.py --fp8-granularity  # CPU: FP8 scale granularity, attention error on the bundled model
 
@@ -22,7 +24,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 if "--smoke" in sys.argv:  # the interpreter must be chosen before triton is imported
@@ -300,16 +302,22 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny sizes")
     parser.add_argument("--fp8-granularity", action="store_true", help="CPU: FP8 scale granularity study")
     parser.add_argument("--text", help="text file for --fp8-granularity (default: a repeated sentence)")
+    parser.add_argument("--only", choices=["decode", "decode-peer"],
+                        help="decode: every decode row, no prefill; decode-peer: only dense decode at the "
+                             "FP8-vs-SDPA context (bf16 and FP8 pages, SDPA)")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/attention-<gpu>-<date>.json)")
     args = parser.parse_args()
     if args.fp8_granularity:
         return fp8_granularity(args)
     bench, gpu, date = bench_kernels.start(parser, args)
     sizes = SMOKE if args.smoke else GPU
+    if args.only == "decode-peer":
+        sizes = replace(sizes, contexts=[sizes.fp8_peer_context], patterns={})
     rows = []
     start = time.perf_counter()
     bench_decode(bench, sizes, rows)
-    bench_prefill(bench, sizes, rows)
+    if not args.only:
+        bench_prefill(bench, sizes, rows)
     return bench_kernels.finish(bench, "attention", gpu, date, args.out, time.perf_counter() - start,
                                 _table(rows), rows=rows)
 

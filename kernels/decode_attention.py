@@ -36,40 +36,87 @@ _MIN_SPLIT_KEYS = 128
 _ONE_SPLIT_KEYS = 512
 # Off the GPU (the interpreter in tests) use a fixed split count, so the merge of several partials is exercised.
 _SPLITS_OFF_GPU = 4
+# The row kernel (one query head per program, _attend_rows) holds 2 programs of 8 warps per SM (about 112
+# registers a thread): it is split into at most that many programs per SM, so that they run in one wave. H200,
+# FP8 at 32K, B=1: 77 us in one wave of 256 programs, 89 us with 4 per SM rounded up (544 programs: 2 waves and a
+# sliver), 82-89 us with 4-6 per SM rounded down.
+_ROW_PROGRAMS_PER_SM = 2
+
+
+@triton.jit
+def _tile_keys(
+    v0,  # first virtual index of the tile
+    end,  # the split's end: indices >= end are not read
+    seq_len, lo, n_sink, n_summary, P1, ids_row,  # the query's key list (see _decode_split_kernel)
+    BLOCK_N: tl.constexpr, PATTERN: tl.constexpr,
+):
+    """Key positions [BLOCK_N] of virtual indices v0 .. v0 + BLOCK_N - 1, and which of them exist."""
+    v = v0 + tl.arange(0, BLOCK_N)
+    valid = v < end
+    keys = virtual_keys(v, valid, lo, n_sink, n_summary, P1, ids_row, PATTERN)
+    if PATTERN == BLOCK_SPARSE_ID:
+        valid = valid & (keys < seq_len)  # the diagonal block runs past the query
+    return keys, valid
+
+
+@triton.jit
+def _row_offsets(
+    keys, valid,  # [BLOCK_N] from _tile_keys
+    table_ptr,  # this sequence's row of the block table
+    kv_head, num_kv_heads,
+    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+):
+    """int64 [BLOCK_N] element offsets of each key's row of kv_head in the caches, and of its scale. The page
+    is split from the slot before widening, so that only one product per key is 64-bit (cache_rows' flat rows
+    would need a 64-bit division for the scale)."""
+    page = tl.load(table_ptr + keys // PAGE_SIZE, mask=valid, other=0).to(tl.int64) * (num_kv_heads * PAGE_SIZE)
+    slot = keys % PAGE_SIZE
+    return (page + slot * num_kv_heads + kv_head) * HEAD_DIM, page + kv_head * PAGE_SIZE + slot
+
+
+@triton.jit
+def _load_rows(
+    kv_offs, scale_offs, valid,  # [BLOCK_N] from _row_offsets and _tile_keys
+    k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, dims, HAS_SCALE: tl.constexpr,
+):
+    """A tile's keys and values [BLOCK_N, Dh] as stored (missing rows 0), and their float32 scales [BLOCK_N]
+    (1 for float caches)."""
+    ptrs = kv_offs[:, None] + dims[None, :]
+    k = tl.load(k_cache_ptr + ptrs, mask=valid[:, None], other=0.0)
+    v = tl.load(v_cache_ptr + ptrs, mask=valid[:, None], other=0.0)
+    if HAS_SCALE:
+        # Each scale is read as the aligned 32-bit word holding it: the software pipeliner turns loads of 4 bytes
+        # and more into asynchronous copies, but a 2-byte load would stall every step on its latency.
+        words = scale_offs >> 1
+        shift = (scale_offs & 1).to(tl.int32) * 16
+        k_word = tl.load(k_scale_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + words, mask=valid, other=0)
+        v_word = tl.load(v_scale_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + words, mask=valid, other=0)
+        k_scale = (k_word >> shift).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        v_scale = (v_word >> shift).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        k_scale = tl.full(valid.shape, 1.0, tl.float32)
+        v_scale = k_scale
+    return k, v, k_scale, v_scale
 
 
 @triton.jit
 def _attend_rows(
     acc, l_r, m_r,  # per-row running output [BLOCK_N, Dh], softmax denominators and maxima [BLOCK_N] (log2)
     q,  # [Dh] float32: the program's one query
-    rows, valid,  # [BLOCK_N] flat cache rows of the tile's keys, and which exist
-    k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, kv_head, num_kv_heads, qk_scale, dims,
-    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
+    k, v, k_scale, v_scale, valid,  # the tile from _load_rows, and which of its rows exist
+    qk_scale,  # softmax scale * log2(e)
 ):
     """One step of one query head over a tile of keys, without cross-row reductions: row slot r keeps its own
     running max, denominator and output over the keys that pass through it (keys r, r + BLOCK_N, ...), merged
     once at the end (after the loop). The only reduction per tile is each score's dot product along Dh."""
-    slots = rows * num_kv_heads + kv_head
-    ptrs = slots[:, None] * HEAD_DIM + dims[None, :]
-    k = tl.load(k_cache_ptr + ptrs, mask=valid[:, None], other=0.0)
-    v = tl.load(v_cache_ptr + ptrs, mask=valid[:, None], other=0.0)
-    qk = tl.sum(k.to(tl.float32) * q[None, :], 1)
-    if HAS_SCALE:
-        scale_idx = ((rows // PAGE_SIZE) * num_kv_heads + kv_head) * PAGE_SIZE + rows % PAGE_SIZE
-        k_scale = tl.load(k_scale_ptr + scale_idx, mask=valid, other=0.0).to(tl.float32)
-        v_scale = tl.load(v_scale_ptr + scale_idx, mask=valid, other=0.0).to(tl.float32)
-        qk = qk * (k_scale * qk_scale)
-    else:
-        qk = qk * qk_scale
+    qk = tl.sum(k.to(tl.float32) * q[None, :], 1) * (k_scale * qk_scale)
     qk = tl.where(valid, qk, float("-inf"))
     m_new = tl.maximum(m_r, qk)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_r - m_safe)
     p = tl.exp2(qk - m_safe)
     l_r = l_r * alpha + p
-    if HAS_SCALE:
-        p = p * v_scale
-    acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
+    acc = acc * alpha[:, None] + (p * v_scale)[:, None] * v.to(tl.float32)
     return acc, l_r, m_new
 
 
@@ -104,6 +151,7 @@ def _decode_split_kernel(
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs, else ignored
     USE_DOT: tl.constexpr,  # attend_tile's tensor-core products, else _attend_rows (HEADS == BLOCK_G == 1 only)
     DIRECT: tl.constexpr,  # one split: write the normalized output straight to o_part_ptr, no merge
+    NUM_STAGES: tl.constexpr,  # software-pipeline depth of the row loop (its loads are cp.async copies)
 ):
     seq = tl.program_id(0)
     first_head = tl.program_id(1) * HEADS
@@ -141,22 +189,21 @@ def _decode_split_kernel(
         l_r = tl.zeros([BLOCK_N], dtype=tl.float32)
         m_r = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
         q_row = tl.sum(q.to(tl.float32), 0)  # the one query head (BLOCK_G == 1)
+        # tl.range with num_stages pipelines the loads as asynchronous copies (a plain range does not without
+        # tl.dot): the next tiles stream in while this one is reduced.
+        for v0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
+            keys, valid = _tile_keys(v0, end, seq_len, lo, n_sink, n_summary, P1, ids_row, BLOCK_N, PATTERN)
+            kv_offs, scale_offs = _row_offsets(keys, valid, table_ptr, kv_head, num_kv_heads, HEAD_DIM, PAGE_SIZE)
+            k, v, k_scale, v_scale = _load_rows(kv_offs, scale_offs, valid, k_cache_ptr, v_cache_ptr, k_scale_ptr,
+                                                v_scale_ptr, dims, HAS_SCALE)
+            acc_r, l_r, m_r = _attend_rows(acc_r, l_r, m_r, q_row, k, v, k_scale, v_scale, valid, qk_scale)
     else:
         acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
         m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    for v0 in range(start, end, BLOCK_N):
-        v = v0 + tl.arange(0, BLOCK_N)
-        valid = v < end
-        keys = virtual_keys(v, valid, lo, n_sink, n_summary, P1, ids_row, PATTERN)
-        if PATTERN == BLOCK_SPARSE_ID:
-            valid = valid & (keys < seq_len)  # the diagonal block runs past the query
-        rows = cache_rows(table_ptr, keys, valid, PAGE_SIZE, True)
-        if not USE_DOT:
-            acc_r, l_r, m_r = _attend_rows(acc_r, l_r, m_r, q_row, rows, valid, k_cache_ptr, v_cache_ptr,
-                                           k_scale_ptr, v_scale_ptr, kv_head, num_kv_heads, qk_scale, dims,
-                                           HEAD_DIM, PAGE_SIZE, HAS_SCALE)
-        else:
+        for v0 in range(start, end, BLOCK_N):
+            keys, valid = _tile_keys(v0, end, seq_len, lo, n_sink, n_summary, P1, ids_row, BLOCK_N, PATTERN)
+            rows = cache_rows(table_ptr, keys, valid, PAGE_SIZE, True)
             acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, rows, valid, valid[None, :], k_cache_ptr, v_cache_ptr,
                                         k_scale_ptr, v_scale_ptr, kv_head, num_kv_heads, qk_scale, dims,
                                         HEAD_DIM, PAGE_SIZE, True, False, HAS_SCALE, DOT_PRECISION)
@@ -202,32 +249,40 @@ def _decode_merge_kernel(
     tl.store(out_ptr + row * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
 
 
-def _num_splits(batch: int, programs_per_seq: int, max_visited: int, block_n: int, device: torch.device) -> int:
+def _num_splits(batch: int, programs_per_seq: int, max_visited: int, block_n: int, use_dot: bool,
+                device: torch.device) -> int:
     """Splits of each query's visited keys, from shapes alone (reading seq_lens would sync the host and break CUDA
-    graph capture): enough programs to fill the GPU, each split at least _MIN_SPLIT_KEYS keys."""
+    graph capture): enough programs to fill the GPU (tl.dot path), or at most one wave of them (row path), each
+    split at least _MIN_SPLIT_KEYS keys."""
     if device.type != "cuda":
         return max(1, min(_SPLITS_OFF_GPU, triton.cdiv(max_visited, block_n)))
-    wanted = triton.cdiv(_PROGRAMS_PER_SM * sm_count(device), batch * programs_per_seq)
+    if use_dot:
+        wanted = triton.cdiv(_PROGRAMS_PER_SM * sm_count(device), batch * programs_per_seq)
+    else:
+        wanted = max(1, _ROW_PROGRAMS_PER_SM * sm_count(device) // (batch * programs_per_seq))
     if max_visited <= _ONE_SPLIT_KEYS and wanted <= 2:
         return 1
     return max(1, min(wanted, triton.cdiv(max_visited, _MIN_SPLIT_KEYS)))
 
 
-def _config(head_dim: int, dtype: torch.dtype, device: torch.device, fp8: bool, heads: int,
-            batch: int) -> tuple[int, int, int, bool]:
-    """(BLOCK_N, num_warps, num_stages, USE_DOT) for this head size, query dtype, cache kind, query heads per
-    program and batch. One head per program is a GEMV: without tl.dot (_attend_rows) the compiler loads the tile
-    in wide rows (tl.dot's operand layout loads FP8 a few bytes per thread, and an FP8 key tile would need a
-    transposed tensor-core operand)."""
+def _config(head_dim: int, dtype: torch.dtype, device: torch.device, fp8: bool,
+            heads: int) -> tuple[int, int, int, bool]:
+    """(BLOCK_N, num_warps, num_stages, USE_DOT) for this head size, query dtype, cache kind and query heads per
+    program. One head per program is a GEMV: without tl.dot (_attend_rows) the compiler loads the tile in wide
+    rows (tl.dot's operand layout loads FP8 a few bytes per thread, and an FP8 key tile would need a transposed
+    tensor-core operand)."""
     if device.type != "cuda":
         return 16, 4, 1, heads > 1
     if dtype == torch.float32 or head_dim > 128:
         return 32, 4, 2, True
     if fp8 and heads == 1:
-        # H200, 32K context, 32 heads x 128, dense: at B=16 row state over 32-key tiles with 8 warps takes 1393 us
-        # (SDPA on bf16 1847 us; one running max over 256-key tiles 1679 us; tl.dot for both products at best
-        # 2106 us); at B=1 128-key tiles with 4 warps and 4 stages are the best row-state shape in a sweep.
-        return (128, 4, 4, False) if batch < 8 else (32, 8, 2, False)
+        # H200, 32K context, 32 heads x 128, dense, SDPA on bf16 122 us (B=1) and 1844 us (B=16): 64-key tiles,
+        # 8 warps, 3 stages take 77 us and 1146 us (3.5-3.7 TB/s). 2 stages: 97 / 1407 us; 4 stages or a
+        # register cap (maxnreg 64-80, for more programs per SM): slower, up to 2x; 32-key tiles 90 / 1176 us,
+        # 128-key 93 / 1287 us; 4 warps lay the tile out in single bytes (3-5x the instructions). Rescaling the
+        # row state only when a max grows by 2^8 (one block-wide vote per tile) costs more than it saves: 84 /
+        # 1196 us. Before the row loop was pipelined (synchronous loads, 2-byte scale loads): 114 / 1394 us.
+        return 64, 8, 3, False
     return 64, 4, 3, True  # bf16 at 32K, B=1: 129 us (4.2 TB/s); multiply-and-sum: 176-367 us
 
 
@@ -238,11 +293,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     q [B, Hq, Dh] fp16/bf16/fp32 (last dim contiguous; Dh a power of two in 16..256); k_cache, v_cache
     [num_pages, page_size, Hk, Dh] contiguous, q's dtype or float8_e4m3fn; for FP8 caches k_scale, v_scale
-    [num_pages, Hk, page_size] float16 contiguous (row = e4m3 * scale), else None; Hq a multiple of Hk (query
-    head h reads kv head h // (Hq // Hk) and is head h of a block-sparse pattern); block_tables [B, max_pages]
-    int32 (entries past a sequence's pages are never read); seq_lens [B] int32: sequence b's query sits at
-    position seq_lens[b] - 1 and sees the keys its pattern keeps (patterns.py); 0 marks a padding row, whose
-    output is zeros. Returns out [B, Hq, Dh] contiguous, q's dtype.
+    [num_pages, Hk, page_size] float16 contiguous (row = e4m3 * scale; 4-byte aligned, an even number of them),
+    else None; Hq a multiple of Hk (query head h reads kv head h // (Hq // Hk) and is head h of a block-sparse
+    pattern); block_tables [B, max_pages] int32 (entries past a sequence's pages are never read); seq_lens [B]
+    int32: sequence b's query sits at position seq_lens[b] - 1 and sees the keys its pattern keeps (patterns.py);
+    0 marks a padding row, whose output is zeros. Returns out [B, Hq, Dh] contiguous, q's dtype.
 
     Only the keys the pattern keeps are split across programs (local: the sink keys and the window; strided:
     those plus the summary columns). The split count comes from block_tables.shape[1], the pattern and the SM
@@ -276,8 +331,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     else:
         ids = counts = block_tables  # unused
         max_visited, heads = summary_bound(pattern, max_keys), group
-    block_n, num_warps, num_stages, use_dot = _config(dh, q.dtype, q.device, has_scale, heads, b)
-    splits = _num_splits(b, hq // heads, max_visited, block_n, q.device)
+    block_n, num_warps, num_stages, use_dot = _config(dh, q.dtype, q.device, has_scale, heads)
+    if has_scale and not use_dot:
+        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if s.data_ptr() % 4 or s.numel() % 2:
+                raise ValueError(f"{name} is read as 32-bit words here: it must start 4-byte aligned and hold an "
+                                 f"even number of scales, got address {s.data_ptr()} and {s.numel()} scales")
+    splits = _num_splits(b, hq // heads, max_visited, block_n, use_dot, q.device)
     split_len = triton.cdiv(triton.cdiv(max_visited, splits), block_n) * block_n
     splits = triton.cdiv(max_visited, split_len)
     if splits == 1:  # the split kernel writes the output itself
@@ -295,7 +355,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         BLOCK_G=max(16, triton.next_power_of_2(heads)) if use_dot else 1, HEAD_DIM=dh,
         PAGE_SIZE=page_size, BLOCK_N=block_n, HAS_SCALE=has_scale,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_DOT=use_dot, DIRECT=splits == 1,
-        num_warps=num_warps, num_stages=num_stages,
+        NUM_STAGES=num_stages, num_warps=num_warps, num_stages=num_stages,
     )
     if splits == 1:
         return out

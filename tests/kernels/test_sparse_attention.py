@@ -74,12 +74,14 @@ def test_decode_patterns_one_head_per_kv_head(name, kind, paged_kv, fp8_paged_kv
     _decode(name, kind, DECODE_LENS, 3, 3, 32, paged_kv, fp8_paged_kv, assert_close, dense_attention)
 
 
+@pytest.mark.parametrize("hq,hk", [(2, 1), (2, 2)], ids=["gqa", "mha"])
 @pytest.mark.parametrize("kind", ["fp16", "fp8"])
 @pytest.mark.parametrize("pattern", [DENSE, Local(100), Local(100, sink=4), Strided(64, 100),
                                      Strided(64, 100, sink=200), BlockSparse()], ids=str)
-def test_decode_patterns_long(pattern, kind, paged_kv, fp8_paged_kv, assert_close, dense_attention):
-    # 1027 keys: many splits and tiles, strided summary columns far left of the window, real vertical stripes.
-    _decode(pattern, kind, [1027, 17], 2, 1, 16, paged_kv, fp8_paged_kv, assert_close, dense_attention)
+def test_decode_patterns_long(pattern, kind, hq, hk, paged_kv, fp8_paged_kv, assert_close, dense_attention):
+    # 1027 keys: many splits and tiles, strided summary columns far left of the window, real vertical stripes;
+    # with one query head per kv head, the pipelined row loop over many tiles per split.
+    _decode(pattern, kind, [1027, 17], hq, hk, 16, paged_kv, fp8_paged_kv, assert_close, dense_attention)
 
 
 @pytest.mark.parametrize("kind", ["fp32", "fp16", "fp8"])
@@ -124,6 +126,10 @@ def test_bad_scales_are_named(paged_kv, fp8_paged_kv):
     with pytest.raises(ValueError, match="k_scale"):
         prefill_attention(torch.randn(5, 2, 16, dtype=torch.float16), k8, v8, tables, lens * 0, lens, lens, 0.25, 5,
                           v_scale=vs)
+    # One query head per kv head reads the scales as 32-bit words: a scale tensor 2 bytes off alignment is refused.
+    shifted = torch.empty(vs.numel() + 1, dtype=vs.dtype)[1:].view(vs.shape).copy_(vs)
+    with pytest.raises(ValueError, match="v_scale"):
+        decode_attention(q[:, :1], k8, v8, tables, lens, 0.25, k_scale=ks, v_scale=shifted)
     k_cache, v_cache, tables, _ = paged_kv([5], 1, 16, torch.float16)
     with pytest.raises(ValueError, match="k_scale"):
         decode_attention(q, k_cache, v_cache, tables, lens, 0.25, k_scale=ks, v_scale=vs)
