@@ -7,11 +7,11 @@ on a Llama-7B-shaped model with random bf16 weights (one whole replica per GPU).
 The workload: --requests prompts of random token ids (lengths uniform in [--min-prompt, --max-prompt]) asking for
 uniform [--min-tokens, --max-tokens] new tokens each (greedy, ignore_eos), fixed seed, so both phases do the same
 work. Phase 1: rank 0 alone routes every request to its own engine (`ringlet.mpi.router.route`, one replica;
-longest max_tokens first, as `batch` does).
-Phase 2: rank 0 routes to both replicas (least-loaded first, results back over MPI), rank 1 follows. Before
-either phase each rank runs a warm-up pass whose batch shrinks from --max-num-seqs to 1 and whose prompts span the
-workload's lengths, so CUDA graphs are captured and kernels compiled before the clock starts. Reported: generated tokens per second of each phase and their ratio (DESIGN.md target:
->= 1.95x).
+longest max_tokens first, as `batch` does). Phase 2: rank 0 routes to both replicas (least-loaded first, results
+back over MPI), rank 1 follows. Before either phase each rank runs a warm-up pass whose batch shrinks from
+--max-num-seqs to 1 and whose prompts span the workload's lengths, so CUDA graphs are captured and kernels compiled
+before the clock starts. Reported: generated tokens per second of each phase and their ratio (DESIGN.md target:
+>= 1.95x), and per replica its requests, engine steps, tokens per step and milliseconds per step.
 """
 from __future__ import annotations
 
@@ -60,7 +60,8 @@ def warm_up_items(args) -> list[dict]:
     n = args.max_num_seqs
     lengths = [args.min_prompt + (args.max_prompt - args.min_prompt) * i // max(1, n - 1) for i in range(n)]
     return [{"i": i, "prompt": [5 + (i + j) % 97 for j in range(length)],
-             "params": {"max_tokens": i + 1, "temperature": 0.0, "ignore_eos": True}} for i, length in enumerate(lengths)]
+             "params": {"max_tokens": i + 1, "temperature": 0.0, "ignore_eos": True}}
+            for i, length in enumerate(lengths)]
 
 
 class CountingServer(ReplicaServer):

@@ -2,16 +2,17 @@
 tinygemm, in one process on one GPU; also the GPU correctness check of kernels/quant_gemm.py.
 
     python bench/quant_gemm.py [--out DIR_OR_PATH]   # on an H100/H200: about 2 minutes (most of it autotuning)
+    python bench/quant_gemm.py --batches 1           # decode GEMV only (checked and timed at M = 1): ~1 minute
     python bench/quant_gemm.py --smoke               # on the CPU through Triton's interpreter, tiny sizes
 
-Every format is first checked against quant_linear_ref on fresh random codes (M = 1 and 16 on every shape, plus
-M = 100, the prefill tiles, on the first; bf16 activations; the run exits non-zero when ||out - ref|| / ||ref|| is
-past 2 eps of bf16). Timing is bench/kernels.py's: one CUDA graph replaying the op over copies of its inputs that
-overflow L2 three times, median replay / launches. Bytes moved = packed weight + scales (+ zeros) + x + out, each
-once; cuBLAS and tinygemm are charged their own bytes. Rows: Llama-7B projections (N x K), batch 1 and 16.
-Targets (DESIGN.md section 4): int4 batch 1 >= 75% of copy bandwidth, >= 2.5x tinygemm, >= 3x cuBLAS; int4 batch
-16 >= 2.5x cuBLAS; int8 batch 1 >= 1.8x cuBLAS; ternary batch 1 >= 5x cuBLAS. JSON to --out (a directory gets
-quant_gemm-<gpu>-<date>.json inside; default bench/results/), a table last.
+Every format is first checked against quant_linear_ref on fresh random codes (each timed M on every shape, plus
+M = 100, the prefill tiles, on the first when a timed M is above 1; bf16 activations; the run exits non-zero when
+||out - ref|| / ||ref|| is past 2 eps of bf16). Timing is bench/kernels.py's: one CUDA graph replaying the op over
+copies of its inputs that overflow L2 three times, median replay / launches. Bytes moved = packed weight + scales
+(+ zeros) + x + out, each once; cuBLAS and tinygemm are charged their own bytes. Rows: Llama-7B projections
+(N x K), batch 1 and 16. Targets (DESIGN.md section 4): int4 batch 1 >= 75% of copy bandwidth, >= 2.5x tinygemm,
+>= 3x cuBLAS; int4 batch 16 >= 2.5x cuBLAS; int8 batch 1 >= 1.8x cuBLAS; ternary batch 1 >= 5x cuBLAS. JSON to
+--out (a directory gets quant_gemm-<gpu>-<date>.json inside; default bench/results/), a table last.
 """
 import argparse
 import importlib.util
@@ -19,7 +20,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 if "--smoke" in sys.argv:  # the interpreter must be chosen before triton is imported
@@ -103,7 +104,7 @@ def check(bench: Bench, s: Sizes) -> None:
     for i, (name, (n, k)) in enumerate(s.shapes.items()):
         for fmt in FORMATS:
             weight = make_weight(fmt, n, k, bench.device)
-            ms = s.batches + ([s.check_wide_m] if i == 0 else [])
+            ms = s.batches + ([s.check_wide_m] if i == 0 and max(s.batches) > 1 else [])
             for m in ms:
                 x = bench.rand(m, k, dtype=s.dtype)
                 bench.check(f"quant_linear {fmt} M={m} N={n} K={k}", quant_linear(x, weight),
@@ -201,12 +202,16 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny sizes")
     parser.add_argument("--out", type=Path,
                         help="JSON path, or a directory for quant_gemm-<gpu>-<date>.json (default bench/results/)")
+    parser.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",")],
+                        help="comma-separated M to check and time (default 1,16)")
     args = parser.parse_args()
     bench, gpu, date = bench_kernels.start(parser, args)
     out = args.out
     if out is not None and (out.is_dir() or out.suffix != ".json"):
         out = out / f"quant_gemm-{re.sub(r'[^a-z0-9]+', '-', gpu.lower()).strip('-')}-{date}.json"
     sizes = SMOKE if args.smoke else GPU
+    if args.batches:
+        sizes = replace(sizes, batches=args.batches)
     start = time.perf_counter()
     copies = bench_kernels.copy_bandwidth(bench, sizes)
     copy_gbps = max(copies.values())

@@ -301,9 +301,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     Only the keys the pattern keeps are split across programs (local: the sink keys and the window; strided:
     those plus the summary columns). The split count comes from block_tables.shape[1], the pattern and the SM
-    count, never from seq_lens, so the launch is CUDA-graph capturable (a block-sparse lookup is built on the first call for a
-    table width: make that call before capturing); pass a table no wider than the longest sequence needs, or
-    splits past the real lengths idle.
+    count, never from seq_lens, so the launch is CUDA-graph capturable (a block-sparse lookup is built on the
+    first call for a table width: make that call before capturing); pass a table no wider than the longest
+    sequence needs, or splits past the real lengths idle.
     """
     if not use_triton(q):
         return decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, pattern, k_scale, v_scale)
@@ -349,7 +349,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, k_scale if has_scale else k_cache, v_scale if has_scale else v_cache,
         block_tables, seq_lens, ids, counts, o_part, lse_part,
         scale * math.log2(math.e), split_len, p0, p1, p2, hk,
-        counts.shape[-1] if isinstance(pattern, BlockSparse) else 0, ids.shape[-1] if isinstance(pattern, BlockSparse) else 0,
+        *((counts.shape[-1], ids.shape[-1]) if isinstance(pattern, BlockSparse) else (0, 0)),
         q.stride(0), q.stride(1), block_tables.stride(0),
         PATTERN=pattern_id, GROUP=group, HEADS=heads,
         BLOCK_G=max(16, triton.next_power_of_2(heads)) if use_dot else 1, HEAD_DIM=dh,

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ringlet.kernels.quant_formats import Int4Weight, Int8Weight, TernaryWeight
-from ringlet.kernels.quant_gemm import _split_k, quant_linear, quant_linear_ref
+from ringlet.kernels.quant_gemm import _gemv_split_k, _split_k, quant_linear, quant_linear_ref
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 
@@ -86,12 +86,26 @@ def test_quant_linear(fmt, n, k, m, dtype, assert_close):
 def test_split_k_and_bias(fmt, n, k, m, assert_close):
     # N far below the rows-per-SM threshold: these split K (some unevenly); the bias is added once.
     weight, _ = _make(fmt, n, k)
-    assert _split_k(m, n, k * weight.BITS // 8, torch.device("cpu")) > 1
+    row_bytes = k * weight.BITS // 8
+    if m == 1:
+        assert _gemv_split_k(n, k, row_bytes, torch.device("cpu")) > 1
+    else:
+        assert _split_k(m, n, row_bytes, torch.device("cpu")) > 1
     x = torch.randn(m, 1, k).half()  # leading dims are flattened: M = m
     bias = torch.randn(n).half()
     out = quant_linear(x, weight, bias)
     assert out.shape == (m, 1, n) and out.dtype == torch.float16
     assert_close(out, quant_linear_ref(x, weight, bias))
+
+
+def test_gemv_splits_long_rows(assert_close):
+    # M == 1 keeps one program's slice of x in registers, so rows past 4096 columns are split even for large N:
+    # here into 2 uneven ranges (33 and 32 groups of 64).
+    n, k = 96, 4160
+    weight, _ = _make("int8", n, k)
+    assert _gemv_split_k(n, k, k, torch.device("cpu")) == 2
+    x = torch.randn(1, k).half()
+    assert_close(quant_linear(x, weight), quant_linear_ref(x, weight))
 
 
 def test_ref_matches_float64(assert_close):
