@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from ringlet.engine import Engine, EngineConfig
 from ringlet.model import random_weights
 from ringlet.mpi.control import Mailbox
 from ringlet.mpi.ranks import device_for, discover
-from ringlet.mpi.router import ReplicaServer, follow, in_flight, route
+from ringlet.mpi.router import ReplicaServer, follow, route
 
 from result_files import write_results
 
@@ -139,9 +138,9 @@ def main() -> int:
     device = torch.device("cpu") if args.smoke else device_for(info, torch)
     if not args.smoke and device.type != "cuda":
         ap.error("no CUDA GPU on this rank: run on 2 GPUs, or pass --smoke")
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)  # as `batch` does on a GPU rank (ringlet.replica_setup.rank_device)
-    if not args.smoke:
+    if args.smoke:
+        torch.set_num_threads(1)
+    else:
         torch.cuda.set_device(device)  # Triton launches on the current device
     cfg = SMOKE if args.smoke else ModelConfig.from_name(args.shape)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -159,7 +158,7 @@ def main() -> int:
     if info.rank == 0:
         run_phase(server, warm_up_items(args), args.max_num_seqs, None, None)
         server.reset()
-        seconds, tokens = run_phase(server, items, in_flight(args.max_num_seqs), None, None)
+        seconds, tokens = run_phase(server, items, args.max_num_seqs, None, None)
         result["one_rank"] = {"seconds": round(seconds, 3), "generated_tokens": tokens,
                               "tok_s": round(tokens / seconds, 1), "replica": replica_stats(server.counts(), seconds)}
         print(json.dumps({"one_rank": result["one_rank"]}), flush=True)
@@ -170,7 +169,7 @@ def main() -> int:
 
     # Phase 2: both replicas, rank 0 routing.
     if info.rank == 0:
-        seconds, tokens = run_phase(server, items, in_flight(args.max_num_seqs), mailbox, [0, 1])
+        seconds, tokens = run_phase(server, items, args.max_num_seqs, mailbox, [0, 1])
         result["dp2"] = {"seconds": round(seconds, 3), "generated_tokens": tokens, "tok_s": round(tokens / seconds, 1)}
         result["ratio"] = round(result["dp2"]["tok_s"] / result["one_rank"]["tok_s"], 3)
     else:

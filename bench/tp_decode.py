@@ -19,7 +19,6 @@ import argparse
 import datetime
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -72,8 +71,6 @@ def main() -> int:
     device = torch.device("cpu") if args.smoke else device_for(info, torch)
     if not args.smoke and device.type != "cuda":
         ap.error("no CUDA GPU on this rank: run on 2 GPUs, or pass --smoke")
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)  # as `batch` and `serve` do on a GPU rank (ringlet.replica_setup.rank_device)
     cfg = SMOKE if args.smoke else ModelConfig.from_name("llama-13b")
     args.comm = args.comm or ("ring" if args.smoke else "nccl")
     args.context = args.context or (32 if args.smoke else 1024)

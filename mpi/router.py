@@ -76,20 +76,13 @@ def longest_first(items: Iterable[dict]) -> list[dict]:
     return sorted(items, key=tokens, reverse=True)
 
 
-def in_flight(max_num_seqs: int) -> int:
-    """Items to keep on a replica whose engine runs max_num_seqs sequences at once: a few more, queued in its
-    engine, so a slot freed on a remote replica is refilled at its next step, not after a round trip to rank 0
-    (a DP-2 job of 512 requests ran 3-5% fewer sequences per step on replica 1 without them)."""
-    return max_num_seqs + max(1, max_num_seqs // 8)
-
-
 def route(local: ReplicaServer, items: Iterable[dict], on_result: Callable[[dict], None], capacity: int,
           mailbox=None, leaders: list[int] | None = None, idle_sleep: float = 0.002) -> None:
     """Rank 0: run every item on some replica, calling on_result once per item (in completion order).
 
-    capacity: unfinished items per replica (`in_flight`); leaders: world ranks of the replica leaders, leaders[0]
-    = 0 (this rank); mailbox: a control.Mailbox on the world communicator (None for a single replica). Sends STOP
-    to the other leaders at the end.
+    capacity: unfinished items per replica (the engine's max_num_seqs); leaders: world ranks of the replica
+    leaders, leaders[0] = 0 (this rank); mailbox: a control.Mailbox on the world communicator (None for a single
+    replica). Sends STOP to the other leaders at the end.
     """
     leaders = leaders or [0]
     pending = deque(longest_first(items))

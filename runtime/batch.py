@@ -267,7 +267,7 @@ def cmd_batch(args) -> int:
 
 def _run_single(args) -> int:
     from ringlet.mpi.parallel import make_layout
-    from ringlet.mpi.router import ReplicaServer, in_flight, route
+    from ringlet.mpi.router import ReplicaServer, route
 
     from .checkpoint import load_checkpoint
     from .engine import Engine
@@ -275,14 +275,14 @@ def _run_single(args) -> int:
     make_layout(1, 0, args.tp, args.dp)
     engine = Engine(load_checkpoint(args.model), engine_config(args, args.device))
     driver = Driver(args, engine.tokenizer)
-    route(ReplicaServer(engine), driver.items, driver.finish, capacity=in_flight(args.max_num_seqs))
+    route(ReplicaServer(engine), driver.items, driver.finish, capacity=args.max_num_seqs)
     print(json.dumps(driver.close()))
     return 0
 
 
 def _run_ranks(args, info) -> int:
     from ringlet.mpi.control import Mailbox
-    from ringlet.mpi.router import ReplicaServer, follow, in_flight, route
+    from ringlet.mpi.router import ReplicaServer, follow, route
 
     from .replica_setup import run_on_ranks
 
@@ -294,7 +294,7 @@ def _run_ranks(args, info) -> int:
             mailbox = Mailbox(messages)
             server = ReplicaServer(replica.engine)
             if info.rank == 0:
-                route(server, driver.items, driver.finish, in_flight(args.max_num_seqs), mailbox, layout.leaders)
+                route(server, driver.items, driver.finish, args.max_num_seqs, mailbox, layout.leaders)
             else:
                 follow(server, mailbox)
             replica.stop_workers()

@@ -35,18 +35,13 @@ def agreed_settings(args) -> dict:
 
 
 def rank_device(args, info):
-    """This rank's torch device: --device, else the rank's GPU, else the CPU.
-
-    Unless OMP_NUM_THREADS is set, it also sizes torch's CPU thread pool for the rank: on a CPU rank its share of
-    the node's cores (one pool per rank, not one per core each); on a GPU rank one thread, as its CPU work is
-    Python and small tensors (2 H200 ranks on a 32-core node, Llama-7B decode at batch 64: 10.6 ms a step with
-    one thread, 10.9 ms with torch's default of 32, and 11.4 ms on rank 0 while rank 1 ran too)."""
+    """This rank's torch device: --device, else the rank's GPU, else the CPU (then one torch thread pool per rank
+    sharing the node's cores, not one per core each)."""
     import torch
     from ringlet.mpi.ranks import device_for
-    device = torch.device(args.device) if args.device else device_for(info, torch)
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1 if device.type == "cuda" else max(1, (os.cpu_count() or 1) // info.local_size))
-    return device
+    if args.device is None and not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_size))
+    return torch.device(args.device) if args.device else device_for(info, torch)
 
 
 def build_replica(args, info, world, device):
