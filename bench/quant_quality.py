@@ -2,7 +2,8 @@
 512 on the last 25% of lee_background.cor, next-sentence choice accuracy, and size in MB (dense tensors as bf16).
 
 Every row is measured on the same held-out tokens and the same choice items. The rows share one QuantContext, so
-`auto` (last) reuses the measurements of the candidates already in the table and only prints its choice.
+`auto` (last) reuses the measurements of the candidates already in the table, re-running only the one it chooses
+(the context keeps measurements, not weights, so one process holds a few GiB whatever the number of rows).
 
     OMP_NUM_THREADS=1 python bench/quant_quality.py --eval-tokens 4096 --calib-tokens 4096 --choice-items 100 \
         --out bench/results/quant_quality-cpu-DATE.json
@@ -55,7 +56,8 @@ def main() -> None:
                "mean_layer_error": sum(errors) / len(errors) if errors else None,
                "group_sizes": sorted({r.group_size for r in run.plan if r.group_size}),
                "seconds": round(time.time() - start, 1)}
-        row.update({k: v for k, v in run.report.items() if k in ("chosen", "promoted_layers", "measured")})
+        row.update({k: v for k, v in run.report.items()
+                    if k in ("chosen", "candidates", "budget_met", "promoted_layers", "measured")})
         result["rows"].append(row)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

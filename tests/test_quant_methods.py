@@ -1,4 +1,7 @@
 """Quantizers on synthetic layers: each returns its reconstruction error, and the bounds the methods promise hold."""
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -127,3 +130,29 @@ def test_auto_picks_the_smallest_plan_within_budget_and_prints_its_table(tiny_ct
     big = tiny_ctx.run(parse_method(f"auto:budget=10.0,candidates={specs}"))
     assert big.report["chosen"] == "rtn-int8:embeddings=int8"  # the tiny model is mostly its 49152 x 64 embedding
     assert type(big.weights["tok_embeddings.weight"]).__name__ == "Int8Weight"
+
+
+def test_auto_frees_each_candidate_once_a_smaller_one_is_within_budget(tiny_ctx):
+    """Only the best candidate so far stays alive while auto quantizes the next one, and the context keeps no
+    weights at all (the bundled model's context grew by about 200 MB a candidate when it kept them)."""
+    from ringlet.quant.pipeline import QuantContext
+    ctx = QuantContext(tiny_ctx.checkpoint, tiny_ctx.text, calib_tokens=64, eval_tokens=64, context=32)
+    models, alive_before = [], []
+    quantize = ctx.quantize
+
+    def tracked(plan):
+        gc.collect()
+        alive_before.append(sum(ref() is not None for ref in models))
+        weights, rows = quantize(plan)
+        models.append(weakref.ref(weights["layers.0.feed_forward.w2"]))
+        return weights, rows
+
+    ctx.quantize = tracked
+    # rtn-int8 is rejected (larger than rtn-int4) just before rtn-int8:embeddings=int8, the smallest, is quantized
+    run = ctx.run(parse_method("auto:budget=10.0,candidates=rtn-int4:group_size=32;rtn-int8;"
+                               "rtn-int8:embeddings=int8;bitnet"))
+    assert run.report["chosen"] == "rtn-int8:embeddings=int8"
+    assert alive_before == [0, 1, 1, 1]
+    del run
+    gc.collect()
+    assert all(ref() is None for ref in models)

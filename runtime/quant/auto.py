@@ -3,6 +3,10 @@
 Prints the table it chose from (method, size, held-out perplexity, change against the dense reference). When no
 candidate is within the budget, the dense (bf16) model is kept and the report says so. Candidates are method
 specs separated by ";" (each spec's own options after ":", e.g. "gptq:group_size=128,embeddings=int8").
+
+Memory: only the best candidate so far keeps its weights; each other one is freed once measured. A candidate
+already measured in the same QuantContext is not run again (only re-run if it is the one chosen). `mixed` comes
+before the two uniform plans it is built from, so its own runs of them are reused as their measurements.
 """
 from __future__ import annotations
 
@@ -15,8 +19,8 @@ from ..errors import ConfigError
 from .registry import QuantConfig, check_fraction, parse_method, register
 
 DEFAULT_CANDIDATES = ("bitnet", "rtn-int4:group_size=128,sym=true", "rtn-int4:group_size=128,sym=false",
-                      "gptq:group_size=128", "gptq:group_size=128,embeddings=int8", "awq:group_size=128",
-                      "rtn-int8", "rtn-int8:embeddings=int8", "mixed:embeddings=int8")
+                      "gptq:group_size=128", "awq:group_size=128", "rtn-int8", "mixed:embeddings=int8",
+                      "gptq:group_size=128,embeddings=int8", "rtn-int8:embeddings=int8")
 
 
 @register
@@ -42,22 +46,24 @@ class Auto(QuantConfig):
         baseline = ctx.baseline()
         table = [{"method": "bf16 (reference)", "size_bytes": baseline.size,
                   "perplexity": math.exp(baseline.loss), "relative_change": 0.0}]
-        best = None
+        best = None  # (spec, method, run) of the smallest candidate within the budget so far
         for spec in self.candidates:
             method = parse_method(spec)
             if method.name == "mixed" and "budget=" not in spec:  # mixed aims at auto's budget unless told
                 method = dataclasses.replace(method, budget=self.budget)
-            run = ctx.run(method)
+            run = ctx.measured(method)
             table.append({"method": spec, "size_bytes": run.size, "perplexity": math.exp(run.loss),
                           "relative_change": math.exp(run.loss - baseline.loss) - 1})
-            if table[-1]["relative_change"] <= self.budget and (best is None or run.size < best[1].size):
-                best = (spec, run)
+            if table[-1]["relative_change"] <= self.budget and (best is None or run.size < best[2].size):
+                best = (spec, method, run)
+            del run  # else a rejected candidate's weights stay alive while the next one is quantized
         chosen = best[0] if best else "bf16 (reference)"
         print_table(table, chosen, self.budget)
         report = {"chosen": chosen, "candidates": table, "budget_met": best is not None}
         if best is None:
-            return baseline.weights, [], report
-        return best[1].weights, best[1].plan, report
+            return ctx.reference(), [], report
+        run = best[2] if best[2].weights is not None else ctx.run(best[1])  # measured earlier: weights freed
+        return run.weights, run.plan, report
 
 
 def print_table(table: list[dict], chosen: str, budget: float, out=None) -> None:

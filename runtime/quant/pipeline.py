@@ -3,7 +3,7 @@ quantized model with its measured quality (what `python -m ringlet quantize` run
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -17,7 +17,8 @@ DENSE_DTYPE = torch.bfloat16  # dense tensors of a quantized checkpoint are stor
 
 @dataclass
 class QuantContext:
-    """What the methods share: the float checkpoint, the calibration text, held-out windows, cached statistics."""
+    """What the methods share: the float checkpoint, the calibration text, held-out windows, cached statistics,
+    and the measurements (not the weights) of every plan run so far."""
 
     checkpoint: Checkpoint
     text: CalibrationText
@@ -25,7 +26,7 @@ class QuantContext:
     eval_tokens: int = 2048
     context: int = 512
     _stats: dict[str, LinearStats] | None = field(default=None, repr=False)
-    _runs: dict[str, Run] = field(default_factory=dict, repr=False)
+    _measured: dict[str, Run] = field(default_factory=dict, repr=False)  # weights None
 
     def __post_init__(self) -> None:
         self.heldout = token_windows(self.checkpoint.tokenizer, self.text.heldout, self.eval_tokens, self.context,
@@ -76,23 +77,32 @@ class QuantContext:
 
     def run(self, method: QuantConfig) -> Run:
         """`method` applied to the model (uniformly, or by its own `choose` for mixed/auto) and measured on the
-        held-out windows; remembered per config, so auto, mixed and a benchmark table share the work."""
-        key = repr(method)
-        if key not in self._runs:
-            if hasattr(method, "choose"):
-                weights, plan, report = method.choose(self)
-            else:
-                weights, plan = self.quantize(uniform_plan(self.checkpoint.config, method))
-                report = {}
-            self._runs[key] = Run(weights, plan, report, self.loss(weights), self.size(weights))
-        return self._runs[key]
+        held-out windows. The weights belong to the caller and the context remembers only the measurement (see
+        `measured`): a context that kept every candidate's model (dense tensors in float32) grew by about 200 MB a
+        candidate on the bundled model, and auto's process was OOM-killed."""
+        if hasattr(method, "choose"):
+            weights, plan, report = method.choose(self)
+        else:
+            weights, plan = self.quantize(uniform_plan(self.checkpoint.config, method))
+            report = {}
+        run = Run(weights, plan, report, self.loss(weights), self.size(weights))
+        self._measured[repr(method)] = replace(run, weights=None)
+        return run
+
+    def measured(self, method: QuantConfig) -> Run:
+        """`method`'s measurement, shared by auto, mixed and a benchmark table: remembered, with weights None, when
+        it was run before in this context; else run now, with its weights."""
+        return self._measured.get(repr(method)) or self.run(method)
 
     def baseline(self) -> Run:
-        """`reference()` measured on the held-out windows (once)."""
-        if "reference" not in self._runs:
-            weights = self.reference()
-            self._runs["reference"] = Run(weights, [], {}, self.loss(weights), self.size(weights))
-        return self._runs["reference"]
+        """`reference()` measured on the held-out windows: with its weights the first time, then remembered
+        without them (`reference()` rebuilds them in seconds)."""
+        if "reference" in self._measured:
+            return self._measured["reference"]
+        weights = self.reference()
+        run = Run(weights, [], {}, self.loss(weights), self.size(weights))
+        self._measured["reference"] = replace(run, weights=None)
+        return run
 
 
 def _dequantized(w) -> torch.Tensor:
@@ -106,9 +116,10 @@ def _dequantized(w) -> torch.Tensor:
 
 @dataclass
 class Run:
-    """One measured plan: weights for `Llama`, plan rows, the method's report, held-out loss (nats/token), bytes."""
+    """One measured plan: weights for `Llama` (None in a remembered measurement), plan rows, the method's report,
+    held-out loss (nats/token), bytes."""
 
-    weights: dict
+    weights: dict | None
     plan: list[LayerPlan]
     report: dict
     loss: float
