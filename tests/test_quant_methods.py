@@ -53,6 +53,37 @@ def test_gptq_act_order_keeps_the_original_column_order():
     assert (res.weight.dequantize() - w).abs().max() < w.abs().max() / 3
 
 
+def _gptq_reference(w, h, group, sym, act_order, percdamp=0.01, block=128):
+    """Algorithm 1 of Frantar et al. as the authors' gptq.py runs it, onto grids.int4_params's grid."""
+    from ringlet.quant import grids
+    w, h, k = w.clone(), h.clone().double(), w.shape[1]
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    w, h = w[:, perm], h[perm][:, perm]
+    h += percdamp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    q = torch.zeros_like(w)
+    for b0 in range(0, k, block):
+        w1, err1 = w[:, b0:b0 + block].clone(), torch.zeros(w.shape[0], block)
+        for i in range(block):
+            if (b0 + i) % group == 0:
+                p = grids.int4_params(w[:, b0 + i:b0 + i + group], group, sym)
+                s, z = p.scales[:, 0], 8 if sym else p.zeros[:, 0]
+            q[:, b0 + i] = (torch.clamp(torch.round(w1[:, i] / s) + z, 0, 15) - z) * s
+            err1[:, i] = (w1[:, i] - q[:, b0 + i]) / hinv[b0 + i, b0 + i]
+            w1[:, i:] -= err1[:, i:i + 1] * hinv[b0 + i, b0 + i:b0 + block][None, :]
+        w[:, b0 + block:] -= err1 @ hinv[b0:b0 + block, b0 + block:]
+    return q[:, torch.argsort(perm)]
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_matches_the_reference_loop(sym, act_order):
+    """Group = block, so the reference's group parameters (taken before the block's own updates) coincide."""
+    w, stats = _layer(n=32, k=384)
+    res = get_method("gptq", group_size=128, sym=sym, act_order=act_order).quantize(w, stats)
+    assert torch.equal(res.weight.dequantize(), _gptq_reference(w, stats.hessian, 128, sym, act_order))
+
+
 def test_awq_output_error_not_above_rtn():
     w, stats = _layer()
     s = search_scale(w, stats, 128, False, 20)
