@@ -21,6 +21,7 @@ from ringlet.checkpoint import Checkpoint
 from ringlet.config import ModelConfig
 from ringlet.engine import Engine, EngineConfig
 from ringlet.model import random_weights
+from ringlet.quant.apply import model_nbytes
 
 from decode import bench_ringlet
 from result_files import write_results
@@ -31,16 +32,12 @@ SMOKE = ModelConfig(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2
 
 def step_weight_bytes(engine: Engine) -> int:
     """Bytes of the weights one decode step streams: every layer's four projections and the LM head, packed
-    (quantized weights' `nbytes`: codes, scales, zero points) or dense."""
+    (quantized weights' codes, scales and zero points) or dense."""
     model = engine.model
-
-    def size(w) -> int:
-        if isinstance(w, tuple):
-            return sum(size(part) for part in w)
-        return w.nbytes if not isinstance(w, torch.Tensor) else w.numel() * w.element_size()
-
-    layers = sum(size(w) for layer in model.layers for w in (layer.wqkv, layer.wo, layer.w13, layer.w2))
-    return layers + size(model.output)
+    streamed = {f"layers.{i}.{name}": getattr(layer, name) for i, layer in enumerate(model.layers)
+                for name in ("wqkv", "wo", "w13", "w2")}
+    streamed["lm_head"] = model.output  # counted even when tied to the embeddings, which a step only gathers
+    return model_nbytes(streamed, engine.model_config, model.dtype)
 
 
 def run_format(cfg: ModelConfig, quant: str | None, device: torch.device, batches: list[int], context: int,

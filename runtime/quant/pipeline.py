@@ -85,8 +85,12 @@ class QuantContext:
         else:
             weights, plan = self.quantize(uniform_plan(self.checkpoint.config, method))
             report = {}
+        return self._measure(repr(method), weights, plan, report)
+
+    def _measure(self, key: str, weights: dict, plan: list[LayerPlan], report: dict) -> Run:
+        """The Run of `weights`, measured; remembered under `key` without its weights."""
         run = Run(weights, plan, report, self.loss(weights), self.size(weights))
-        self._measured[repr(method)] = replace(run, weights=None)
+        self._measured[key] = replace(run, weights=None)
         return run
 
     def measured(self, method: QuantConfig) -> Run:
@@ -99,10 +103,7 @@ class QuantContext:
         without them (`reference()` rebuilds them in seconds)."""
         if "reference" in self._measured:
             return self._measured["reference"]
-        weights = self.reference()
-        run = Run(weights, [], {}, self.loss(weights), self.size(weights))
-        self._measured["reference"] = replace(run, weights=None)
-        return run
+        return self._measure("reference", self.reference(), [], {})
 
 
 def _dequantized(w) -> torch.Tensor:
