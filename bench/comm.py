@@ -10,7 +10,9 @@ per-layer GPU tensors); nccl is torch.distributed on the device. Time per call =
 Fit: time = alpha + bytes / beta, least squares over the sizes. Two NCCL rows: `nccl` is torch.distributed alone
 (one_shot_bytes=0), `nccl_one_shot` the default communicator (symmetric-memory one-shot up to 512 KiB, see
 ringlet/mpi/nccl.py). For those two, `*_graph_us` is the time per all-reduce replayed inside a CUDA graph of
-GRAPH_CALLS calls, as the decode step runs them (launch costs gone).
+GRAPH_CALLS calls, as the decode step runs them (launch costs gone). On GPUs, `reduce_add_rms_norm` rows time the
+fused all-reduce + residual add + RMSNorm kernel (what a tensor-parallel block calls after wo and w2) against the
+one-shot all-reduce followed by `fused_add_rms_norm`, at 1 to 48 rows of dim 5120, after checking they agree.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from mpi4py import MPI
+from ringlet.kernels import fused_add_rms_norm
 from ringlet.mpi import control
 from ringlet.mpi.comm import make_communicator
 from ringlet.mpi.ranks import device_for, discover
@@ -32,6 +35,8 @@ GPU_SIZES = [16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20
 SMOKE_SIZES = [16 << 10, 64 << 10, 256 << 10]
 GRAPH_CALLS = 32
 GRAPH_MAX_BYTES = 4 << 20
+REDUCE_NORM_ROWS = [1, 4, 16, 32, 48]
+REDUCE_NORM_DIM = 5120
 
 
 def sync(device) -> None:
@@ -52,26 +57,57 @@ def time_all_reduce(comm, world, x: torch.Tensor, iters: int) -> float:
     return max(control.allgather(world, mine))
 
 
-def time_in_graph(comm, world, x: torch.Tensor, iters: int) -> float:
-    """Seconds per all-reduce when GRAPH_CALLS of them are replayed from one CUDA graph (slowest rank)."""
+def time_in_graph(call, world, device: torch.device, iters: int) -> float:
+    """Seconds per call() when GRAPH_CALLS of them are replayed from one CUDA graph (slowest rank)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        comm.all_reduce(x)
+        call()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(GRAPH_CALLS):
-            comm.all_reduce(x)
+            call()
     graph.replay()
-    sync(x.device)
+    sync(device)
     world.Barrier()
     start = time.perf_counter()
     for _ in range(iters):
         graph.replay()
-    sync(x.device)
+    sync(device)
     mine = (time.perf_counter() - start) / (iters * GRAPH_CALLS)
     return max(control.allgather(world, mine))
+
+
+def reduce_norm_rows(fused, plain, world, device: torch.device, iters: int) -> list[dict]:
+    """`fused.reduce_add_rms_norm` (one kernel) against what it replaces, `plain.all_reduce` then
+    `fused_add_rms_norm`, on decode-sized rows of a 13B-shaped model (dim 5120, bf16), in CUDA graphs. Checks
+    first that both give the same residual and output (bf16 tolerance) and that every rank holds the same bits."""
+    rows = []
+    for t in REDUCE_NORM_ROWS:
+        g = torch.Generator(device=device).manual_seed(world.Get_rank())
+        x = torch.randn(t, REDUCE_NORM_DIM, generator=g, device=device).to(torch.bfloat16)
+        g.manual_seed(1234)  # the residual stream and the weight are replicated: the same on every rank
+        residual = torch.randn(t, REDUCE_NORM_DIM, generator=g, device=device).to(torch.bfloat16)
+        weight = torch.randn(REDUCE_NORM_DIM, generator=g, device=device).to(torch.bfloat16)
+        out, new_residual = fused.reduce_add_rms_norm(x.clone(), residual, weight, 1e-5)
+        ref_out, ref_residual = fused_add_rms_norm(plain.all_reduce(x.clone()), residual, weight, 1e-5)
+        tol = 2 * torch.finfo(torch.bfloat16).eps
+        torch.testing.assert_close(new_residual.float(), ref_residual.float(), rtol=tol, atol=tol * 4)
+        torch.testing.assert_close(out.float(), ref_out.float(), rtol=tol, atol=tol * 4)
+        sums = control.allgather(world, [float(out.double().sum()), float(new_residual.double().sum())])
+        if any(s != sums[0] for s in sums):
+            raise RuntimeError(f"reduce_add_rms_norm: ranks disagree on {t} rows: {sums}")
+        xs = x.clone()
+        rows.append({"rows": t, "dim": REDUCE_NORM_DIM,
+                     "fused_graph_us": round(time_in_graph(
+                         lambda: fused.reduce_add_rms_norm(xs, residual, weight, 1e-5), world, device, iters) * 1e6, 2),
+                     "one_shot_then_norm_graph_us": round(time_in_graph(
+                         lambda: fused_add_rms_norm(fused.all_reduce(xs), residual, weight, 1e-5), world, device,
+                         iters) * 1e6, 2)})
+        if world.Get_rank() == 0:
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def fit(sizes: list[int], times: list[float]) -> dict:
@@ -109,11 +145,14 @@ def main() -> int:
             row[f"{name}_us"] = round(t * 1e6, 2)
             row[f"{name}_busbw_GBps"] = round(2 * (info.world_size - 1) / info.world_size * nbytes / t / 1e9, 2)
             if name.startswith("nccl") and nbytes <= GRAPH_MAX_BYTES:
-                row[f"{name}_graph_us"] = round(time_in_graph(comm, world, x, args.iters) * 1e6, 2)
+                row[f"{name}_graph_us"] = round(time_in_graph(lambda: comm.all_reduce(x), world, device,
+                                                              args.iters) * 1e6, 2)
         rows.append(row)
         if info.rank == 0:
             print(json.dumps(row), flush=True)
     fits = {name: fit(sizes, [r[f"{name}_us"] * 1e-6 for r in rows]) for name in backends}
+    reduce_norm = reduce_norm_rows(comms["nccl_one_shot"], comms["nccl"], world, device, args.iters) \
+        if device.type == "cuda" else None
     if info.rank == 0:
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-smoke"
         date = datetime.date.today().isoformat()
@@ -121,7 +160,7 @@ def main() -> int:
             "gpu": gpu, "date": date, "torch": torch.__version__, "ranks": info.world_size,
             "mpi": MPI.Get_library_version().splitlines()[0].strip(), "dtype": "bfloat16", "fit": fits,
             "auto": auto.describe(), "nccl_one_shot": comms["nccl_one_shot"].describe() if "nccl_one_shot" in comms
-            else None, "runs": rows})
+            else None, "runs": rows, "reduce_add_rms_norm": reduce_norm})
         print(json.dumps({"fit": fits}))
         print(f"wrote {out}")
     return 0

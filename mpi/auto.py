@@ -87,6 +87,9 @@ class AutoCommunicator(Communicator):
         check_tensor(tensor, "all_reduce")
         return self._backend(tensor).all_reduce(tensor)
 
+    def reduce_add_rms_norm(self, x, residual, weight, eps):
+        return self._backend(x).reduce_add_rms_norm(x, residual, weight, eps)
+
     def broadcast(self, tensor, root=0):
         return (self.nccl or self.host).broadcast(tensor, root)
 

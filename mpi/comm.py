@@ -2,10 +2,11 @@
 
     comm = make_communicator("ring", group)      # group: an mpi4py communicator (a tensor-parallel group)
     h = comm.all_reduce(h)                       # sums over the group, in place, returns the same tensor
+    x, residual = comm.reduce_add_rms_norm(h, residual, weight, eps)   # the sum, plus the residual, normalized
 
 `all_reduce` works IN PLACE: the tensor passed in holds the sum afterwards and is also returned, so a model can
 write `h = comm.all_reduce(h)` and a CUDA graph replays it on its static buffer. The runtime core only ever calls
-`all_reduce` (see `ringlet.model.Llama.comm`); it never imports this package.
+`all_reduce` and `reduce_add_rms_norm` (see `ringlet.model.Llama.comm`); it never imports this package.
 
 Host backends (ring, mpi) stage every tensor through a float32 numpy buffer on the CPU: 16-bit inputs are summed
 in float32 and rounded once at the end, and every rank ends with the same bits. On GPUs these costs are what
@@ -16,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from ringlet.errors import ConfigError
+from ringlet.kernels import fused_add_rms_norm
 
 BACKENDS = ("ring", "mpi", "nccl", "auto")
 
@@ -36,6 +38,13 @@ class Communicator:
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` (any shape; float32, float16 or bfloat16) over the group in place; returns it."""
         raise NotImplementedError
+
+    def reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """`fused_add_rms_norm(all_reduce(x), residual, weight, eps)`: x [T, D] is this rank's partial sum (it may be
+        overwritten), residual [T, D] the replicated residual stream -> (normalized [T, D], new residual [T, D]).
+        What a Llama block does after each row-parallel projection; backends may fuse it (nccl on one node)."""
+        return fused_add_rms_norm(self.all_reduce(x), residual, weight, eps)
 
     def broadcast(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
         """Overwrite `tensor` on every rank with root's copy (in place); returns it."""

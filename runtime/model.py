@@ -83,7 +83,9 @@ class Llama:
     four fused `LINEARS` entries ("layers.{i}.attention.wqkv", ...) as any `Linear` (a quantized checkpoint).
     `observer`, when set, is called as observer(name, x) with the input x [T, K] of every projection (calibration).
     `comm`, when set (tensor parallel: `ringlet.mpi.tp.apply_tp` shards the model and sets it), is any object with
-    `all_reduce(tensor) -> tensor` that sums over the ranks in place; it runs after the row-parallel wo and w2.
+    `all_reduce(tensor) -> tensor` that sums over the ranks in place, and `reduce_add_rms_norm` (see
+    `ringlet.mpi.comm.Communicator`), which sums the partial outputs of the row-parallel wo and w2 and applies the
+    residual add and RMSNorm that follow them.
     """
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device,
@@ -141,7 +143,7 @@ class Llama:
             if residual is None:
                 x, residual = rms_norm(h, layer.attention_norm, cfg.rms_eps), h
             else:
-                x, residual = fused_add_rms_norm(h, residual, layer.attention_norm, cfg.rms_eps)
+                x, residual = self._add_norm(h, residual, layer.attention_norm)
             qkv = self._project(i, 0, x, layer.wqkv)
             q = qkv[:, :cfg.q_size].view(t, cfg.n_heads, cfg.head_dim)
             k = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].view(t, cfg.n_kv_heads, cfg.head_dim)
@@ -152,16 +154,25 @@ class Llama:
             write_kv(k, v, kv.k[i], kv.v[i], slots, kv.k_scale[i], kv.v_scale[i])
             attn = self.attention[i](q, kv.k[i], kv.v[i], meta, kv.k_scale[i], kv.v_scale[i])
             h = self._project(i, 1, attn.view(t, cfg.q_size), layer.wo)
-            if self.comm is not None:
-                h = self.comm.all_reduce(h)
-            x, residual = fused_add_rms_norm(h, residual, layer.ffn_norm, cfg.rms_eps)
+            x, residual = self._add_norm(h, residual, layer.ffn_norm)
             h = self._project(i, 3, silu_mul(self._project(i, 2, x, layer.w13)), layer.w2)
+        if logits_index is not None:
             if self.comm is not None:
                 h = self.comm.all_reduce(h)
-        if logits_index is not None:
             h, residual = h[logits_index], residual[logits_index]
-        x, _ = fused_add_rms_norm(h, residual, self.norm, cfg.rms_eps)
+            x, _ = fused_add_rms_norm(h, residual, self.norm, cfg.rms_eps)
+        else:
+            x, _ = self._add_norm(h, residual, self.norm)
         return project(x, self.output).float()
+
+    def _add_norm(self, h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(h + residual) * weight, h + residual) for the output h of a row-parallel projection: under
+        tensor parallelism h is this rank's partial sum, summed over the ranks first (by the communicator, which
+        may fuse the three steps)."""
+        if self.comm is not None:
+            return self.comm.reduce_add_rms_norm(h, residual, weight, self.config.rms_eps)
+        return fused_add_rms_norm(h, residual, weight, self.config.rms_eps)
 
     def _project(self, layer: int, which: int, x: torch.Tensor, w: Linear) -> torch.Tensor:
         if self.observer is not None:
