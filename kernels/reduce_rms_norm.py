@@ -5,20 +5,24 @@ thing the block does is `x, residual = fused_add_rms_norm(sum of partials, resid
 (a few rows of dim 4096-8192) the all-reduce is pure latency, so one kernel does all of it, one program per row:
 
 1. write this rank's partial row into every peer's staging buffer, in the slot that peer keeps for this rank
-   (`PeerBuffers`: memory every rank has mapped, CUDA symmetric memory on GPUs, plain tensors in tests);
-2. raise its flag for this row on every peer (a release at system scope, after the row), and wait until every
-   peer has raised its own flag here (an acquire, spinning): the peers' rows are then in local memory, so the
-   only NVLink latency on the way is one store, not a store and a remote read;
+   (`PeerBuffers`: memory every rank has mapped, CUDA symmetric memory on GPUs, plain tensors in tests). The row
+   travels as 64-bit words, each two 16-bit values beside the call's count (a "low-latency" protocol, as NCCL's
+   LL): a 64-bit store lands whole, so a word whose count is the current one carries this call's values, and no
+   memory fence or separate flag has to cross NVLink after the data;
+2. spin on its own staging until every peer's words for this row carry the current count;
 3. sum every rank's row in float32 in rank order (so every rank computes the same bits), round to the activation
    dtype as an all-reduce would, add the residual and normalize, as `fused_add_rms_norm` does.
 
-Flags carry a per-row call count (this rank's `counters`), so they never need resetting: call c waits for a flag
->= c. Staging alternates between two halves by the count's parity: a rank writes half c % 2 again only at call
-c + 2, after every peer raised its flag for call c + 1, which it did after its call c had finished reading.
-Measured on 2 H200s (NVLink, 2026-11-27), rows of dim 5120 bf16 in a CUDA graph, against the unfused copy +
-one-shot all-reduce + norm: 5.2 / 6.2 / 7.5 us at 1 / 16 / 48 rows against 9.2 / 10.7 / 12.6 us (reading the
-peers' rows remotely instead: 6.0 / 9.4 / 17.1 us).
-Every rank must make the same sequence of calls with the same row counts (tensor-parallel ranks replay one plan).
+Counts are per row (this rank's `counters`) and only compared for equality, so staging never needs resetting and
+the count may wrap. Staging alternates between two halves by the count's parity: a rank writes half c & 1 again
+only at call c + 2, after every peer's words for call c + 1 arrived, which they sent after their call c had
+finished reading. Every rank must make the same sequence of calls with the same row counts (tensor-parallel ranks
+replay one plan).
+
+Measured on 2 H200s (NVLink, 2026-11-27), rows of dim 5120 bf16 in a CUDA graph (bench/comm.py): 4.6 / 5.3 /
+7.0 us at 1 / 16 / 48 rows, against 9.4 / 10.7 / 12.6 us for the unfused copy + one-shot all-reduce + norm.
+Plain rows followed by a flag raised by a release at system scope took 5.2 / 6.2 / 7.5 us; reading the peers'
+rows remotely after their flag, 6.0 / 9.4 / 17.1 us.
 """
 from __future__ import annotations
 
@@ -28,64 +32,68 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, check_tensor
+from ._checks import check_tensor
 from ._dispatch import use_triton
 from .rms_norm import _MAX_DIM, fused_add_rms_norm_ref
 
 # Rows one call may reduce: every program of the grid waits on its peers' program of the same row, so the whole
 # grid must be resident at once (one program per row, 2+ programs per SM on an H100/H200).
 MAX_ROWS = 128
+# The activations it packs two to a word.
+DTYPES = (torch.float16, torch.bfloat16)
 
 
 @dataclass
 class PeerBuffers:
     """Memory a group of `world` ranks shares, as seen from `rank`.
 
-    buffers[r]: rank r's staging area, uint8 [nbytes] (every rank the same nbytes), addressable from this rank:
-        per call-count parity and source rank, rows of the activation dtype ([2, world, rows, D]);
-    flags[r]: rank r's flags, int32 [world * MAX_ROWS] (entry p * MAX_ROWS + row: rank p's count for that row);
-    counters: this rank's own calls per row, int32 [MAX_ROWS]. All zero before the first call, on every rank.
+    buffers[r]: rank r's staging area, uint8 [nbytes] (every rank the same nbytes, zero before the first call),
+        addressable from this rank: int64 words [2 parities, world sources, rows, ceil(D / 2)];
+    counters: this rank's own calls per row, int32 [MAX_ROWS], zero before the first call.
     """
 
     rank: int
     buffers: list[torch.Tensor]
-    flags: list[torch.Tensor]
     counters: torch.Tensor
-    buffer_table: torch.Tensor = field(init=False)  # int64 [world]: the buffers' addresses, for the kernel
-    flag_table: torch.Tensor = field(init=False)  # int64 [world]: the flags' addresses
+    table: torch.Tensor = field(init=False)  # int64 [world]: the buffers' addresses, for the kernel
 
     def __post_init__(self):
         world = len(self.buffers)
-        if not 0 <= self.rank < world or len(self.flags) != world:
-            raise ValueError(f"PeerBuffers: rank {self.rank} of {world} buffers and {len(self.flags)} flag arrays")
+        if not 0 <= self.rank < world:
+            raise ValueError(f"PeerBuffers: rank {self.rank} of a group of {world} buffers")
         nbytes = self.buffers[0].numel()
-        for r, (b, f) in enumerate(zip(self.buffers, self.flags)):
+        for r, b in enumerate(self.buffers):
             check_tensor(f"buffers[{r}]", b, (nbytes,), (torch.uint8,), self.counters.device, layout="contiguous")
-            check_tensor(f"flags[{r}]", f, (world * MAX_ROWS,), (torch.int32,), self.counters.device,
-                         layout="contiguous")
         check_tensor("counters", self.counters, (MAX_ROWS,), (torch.int32,), layout="contiguous")
-        device = self.counters.device
-        self.buffer_table = torch.tensor([b.data_ptr() for b in self.buffers], dtype=torch.int64, device=device)
-        self.flag_table = torch.tensor([f.data_ptr() for f in self.flags], dtype=torch.int64, device=device)
+        self.table = torch.tensor([b.data_ptr() for b in self.buffers], dtype=torch.int64,
+                                  device=self.counters.device)
 
     @property
     def world(self) -> int:
         return len(self.buffers)
 
-    def max_rows(self, dim: int, dtype: torch.dtype) -> int:
-        """Rows of `dim` elements of `dtype` one call can take (both halves, one slot per rank)."""
-        return min(MAX_ROWS, self.buffers[0].numel() // (2 * self.world * dim * dtype.itemsize))
+    def max_rows(self, dim: int) -> int:
+        """Rows of `dim` 16-bit values one call can take (both parities, one slot per source rank)."""
+        return min(MAX_ROWS, self.buffers[0].numel() // (2 * self.world * _words(dim) * 8))
+
+    def staging(self, r: int, dim: int) -> torch.Tensor:
+        """Rank r's staging as int64 words [2, world, max_rows(dim), ceil(dim / 2)] (a view)."""
+        rows, words = self.max_rows(dim), _words(dim)
+        return self.buffers[r][:2 * self.world * rows * words * 8].view(torch.int64).view(2, self.world, rows, words)
+
+
+def _words(dim: int) -> int:
+    return (dim + 1) // 2
 
 
 @triton.jit
 def _reduce_add_rms_norm_kernel(
-    x_ptr,  # [T, D] this rank's partial sums
+    x_ptr,  # [T, D] this rank's partial sums, 16-bit floats
     residual_ptr,  # [T, D] residual stream
     weight_ptr,  # [D] norm scale
     out_ptr,  # [T, D] contiguous normalized output
     residual_out_ptr,  # [T, D] contiguous new residual (all-reduced x + residual)
-    buffer_table_ptr,  # [WORLD] int64 addresses of every rank's staging area: [2, WORLD, rows_cap, D] x's dtype
-    flag_table_ptr,  # [WORLD] int64 addresses of every rank's flags: int32 [WORLD, MAX_ROWS]
+    table_ptr,  # [WORLD] int64 addresses of every rank's staging: int64 [2, WORLD, rows_cap, WD]
     counters_ptr,  # [MAX_ROWS] int32 this rank's calls per row
     D,  # row length
     rows_cap,  # rows each (parity, source rank) slot holds
@@ -94,44 +102,47 @@ def _reduce_add_rms_norm_kernel(
     eps,  # added to the mean square
     RANK: tl.constexpr,  # this rank
     WORLD: tl.constexpr,  # ranks in the group
-    FLAG_ROWS: tl.constexpr,  # MAX_ROWS
-    BLOCK_D: tl.constexpr,  # power of two >= D
+    BLOCK_D: tl.constexpr,  # power of two >= max(D, 2)
 ):
     row = tl.program_id(0)
+    HALF: tl.constexpr = BLOCK_D // 2
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
+    pairs = tl.arange(0, HALF)
+    WD = (D + 1) // 2
+    pair_mask = pairs < WD
     dtype = x_ptr.dtype.element_ty
     count = tl.load(counters_ptr + row) + 1
     tl.store(counters_ptr + row, count)
-    half = (count % 2) * WORLD
+    stamp = count.to(tl.int64) << 32
+    parity = count & 1
 
+    # Pack: word i = count << 32 | bits of x[2i + 1] << 16 | bits of x[2i].
     x = tl.load(x_ptr + row.to(tl.int64) * stride_xt + cols, mask=mask, other=0.0)
+    bits = x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    lo, hi = tl.split(tl.reshape(bits, [HALF, 2]))
+    words = stamp | ((hi << 16) | lo).to(tl.int64) & 0xFFFFFFFF
     for r in tl.static_range(WORLD):
         if r != RANK:
-            peer = tl.load(buffer_table_ptr + r).to(tl.pointer_type(dtype))
-            tl.store(peer + ((half + RANK) * rows_cap + row).to(tl.int64) * D + cols, x, mask=mask)
-    tl.debug_barrier()  # every thread's part of the row is written before the flags go up
-    for r in tl.static_range(WORLD):
-        if r != RANK:
-            peer_flags = tl.load(flag_table_ptr + r).to(tl.pointer_type(tl.int32))
-            tl.atomic_xchg(peer_flags + RANK * FLAG_ROWS + row, count, sem="release", scope="sys")
-    my_flags = tl.load(flag_table_ptr + RANK).to(tl.pointer_type(tl.int32))
-    for r in tl.static_range(WORLD):
-        if r != RANK:
-            seen = tl.atomic_add(my_flags + r * FLAG_ROWS + row, 0, sem="acquire", scope="sys")
-            while seen < count:
-                seen = tl.atomic_add(my_flags + r * FLAG_ROWS + row, 0, sem="acquire", scope="sys")
-    tl.debug_barrier()
+            peer = tl.load(table_ptr + r).to(tl.pointer_type(tl.int64))
+            slot = ((parity * WORLD + RANK) * rows_cap + row).to(tl.int64) * WD
+            tl.store(peer + slot + pairs, words, mask=pair_mask)
 
+    mine = tl.load(table_ptr + RANK).to(tl.pointer_type(tl.int64))
     total = tl.zeros([BLOCK_D], dtype=tl.float32)
-    mine = tl.load(buffer_table_ptr + RANK).to(tl.pointer_type(dtype))
     for r in tl.static_range(WORLD):
         if r == RANK:
             total += x.to(tl.float32)
         else:
-            # volatile: a peer wrote these rows; never a line cached by an earlier call
-            staged = mine + ((half + r) * rows_cap + row).to(tl.int64) * D + cols
-            total += tl.load(staged, mask=mask, other=0.0, volatile=True).to(tl.float32)
+            src = mine + ((parity * WORLD + r) * rows_cap + row).to(tl.int64) * WD + pairs
+            # volatile: a peer writes these words; every read must go to memory, never to a cached line
+            got = tl.load(src, mask=pair_mask, other=stamp, volatile=True)
+            while tl.sum(((got >> 32).to(tl.int32) != count).to(tl.int32), axis=0) > 0:
+                got = tl.load(src, mask=pair_mask, other=stamp, volatile=True)
+            data = got.to(tl.int32)  # the low 32 bits
+            lo_vals = data.to(tl.int16).to(dtype, bitcast=True)
+            hi_vals = (data >> 16).to(tl.int16).to(dtype, bitcast=True)
+            total += tl.reshape(tl.join(lo_vals, hi_vals), [BLOCK_D]).to(tl.float32)
     reduced = total.to(dtype).to(tl.float32)
     res = tl.load(residual_ptr + row.to(tl.int64) * stride_rt + cols, mask=mask, other=0.0).to(tl.float32)
     summed = (reduced + res).to(residual_out_ptr.dtype.element_ty)
@@ -143,17 +154,18 @@ def _reduce_add_rms_norm_kernel(
 
 
 def _check(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, peers: PeerBuffers) -> None:
-    check_tensor("x", x, (None, None), FLOAT_DTYPES)
+    check_tensor("x", x, (None, None), DTYPES)
     t, d = x.shape
     check_tensor("residual", residual, (t, d), (x.dtype,), x.device)
-    check_tensor("weight", weight, (d,), FLOAT_DTYPES, x.device, layout="contiguous")
+    check_tensor("weight", weight, (d,), (torch.float16, torch.bfloat16, torch.float32), x.device,
+                 layout="contiguous")
     if peers.counters.device != x.device:
         raise ValueError(f"peers must live on {x.device} (x's device), got {peers.counters.device}")
     if d > _MAX_DIM:
         raise ValueError(f"x rows must have at most {_MAX_DIM} elements, got {d}")
-    cap = peers.max_rows(d, x.dtype)
+    cap = peers.max_rows(d)
     if t > cap:
-        raise ValueError(f"{t} rows of {d} {x.dtype} do not fit the peers' staging buffers ({cap} rows at most)")
+        raise ValueError(f"{t} rows of {d} values do not fit the peers' staging buffers ({cap} rows at most)")
 
 
 def reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -161,9 +173,9 @@ def reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     """With s = the sum of every rank's x (float32, rank order, rounded to x's dtype): new_residual = s + residual
     and out = rms_norm(new_residual) * weight, as `fused_add_rms_norm(s, residual, weight, eps)`.
 
-    x, residual [T, D] of one dtype (last dims contiguous), T <= peers.max_rows(D, dtype); weight [D] ->
+    x, residual [T, D] fp16/bf16 of one dtype (last dims contiguous), T <= peers.max_rows(D); weight [D] ->
     (out, new_residual), new contiguous [T, D] tensors of x's dtype. Every rank of the group calls it with the
-    same T (it waits for them); the peers' counters and flags advance by one for rows [0, T).
+    same T (it waits for them); the counters of rows [0, T) advance by one.
     """
     _check(x, residual, weight, peers)
     if not use_triton(x):
@@ -173,39 +185,53 @@ def reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     residual_out = torch.empty_like(out)
     if t == 0:
         return out, residual_out
-    block_d = triton.next_power_of_2(d)
+    block_d = max(2, triton.next_power_of_2(d))
     _reduce_add_rms_norm_kernel[(t,)](
-        x, residual, weight, out, residual_out, peers.buffer_table, peers.flag_table, peers.counters,
-        d, peers.max_rows(d, x.dtype), x.stride(0), residual.stride(0), eps,
-        RANK=peers.rank, WORLD=peers.world, FLAG_ROWS=MAX_ROWS, BLOCK_D=block_d,
-        num_warps=min(max(block_d // 512, 1), 16),
+        x, residual, weight, out, residual_out, peers.table, peers.counters,
+        d, peers.max_rows(d), x.stride(0), residual.stride(0), eps,
+        RANK=peers.rank, WORLD=peers.world, BLOCK_D=block_d, num_warps=min(max(block_d // 512, 1), 16),
     )
     return out, residual_out
 
 
+def pack_words(x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x [T, D] 16-bit floats and counts [T] int32 -> the staging words [T, ceil(D / 2)] int64 that carry them."""
+    bits = x.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+    if bits.shape[1] % 2:
+        bits = torch.nn.functional.pad(bits, (0, 1))
+    pairs = bits.view(bits.shape[0], -1, 2)
+    return (counts.to(torch.int64)[:, None] << 32) | (pairs[..., 1] << 16) | pairs[..., 0]
+
+
+def unpack_words(words: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of `pack_words`: words [T, ceil(dim / 2)] int64 -> values [T, dim] of dtype."""
+    halves = torch.stack([words & 0xFFFF, (words >> 16) & 0xFFFF], dim=-1).to(torch.int16)
+    return halves.view(words.shape[0], -1).view(dtype)[:, :dim]
+
+
 def reduce_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                             peers: PeerBuffers) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference for `reduce_add_rms_norm`: the same staging, flags and counters, step by step. The peers
+    """Torch reference for `reduce_add_rms_norm`: the same staging words and counters, step by step. The peers
     must already have staged their rows for this call (a reference rank cannot wait for them): RuntimeError names
     the first that has not."""
     _check(x, residual, weight, peers)
     t, d = x.shape
-    world, cap = peers.world, peers.max_rows(d, x.dtype)
-    rows = torch.arange(t, device=x.device)
     count = peers.counters[:t] + 1
     peers.counters[:t] = count
-    half = (count % 2).long()
-    staging = [b[:2 * world * cap * d * x.dtype.itemsize].view(x.dtype).view(2, world, cap, d)
-               for b in peers.buffers]
-    for r in range(world):
+    parity = (count & 1).long()
+    rows = torch.arange(t, device=x.device)
+    words = pack_words(x, count)
+    for r in range(peers.world):
         if r != peers.rank:
-            staging[r][half, peers.rank, rows] = x
-            peers.flags[r].view(world, MAX_ROWS)[peers.rank, :t] = count
-    mine = peers.flags[peers.rank].view(world, MAX_ROWS)
-    for r in range(world):
-        if r != peers.rank and bool((mine[r, :t] < count).any()):
-            raise RuntimeError(f"reduce_add_rms_norm_ref: rank {r} has not staged its rows for this call")
+            peers.staging(r, d)[parity, peers.rank, rows] = words
+    mine = peers.staging(peers.rank, d)
     total = torch.zeros((t, d), dtype=torch.float32, device=x.device)
-    for r in range(world):
-        total += (x if r == peers.rank else staging[peers.rank][half, r, rows]).float()
+    for r in range(peers.world):
+        if r == peers.rank:
+            total += x.float()
+            continue
+        got = mine[parity, r, rows]
+        if bool(((got >> 32).to(torch.int32) != count[:, None]).any()):
+            raise RuntimeError(f"reduce_add_rms_norm_ref: rank {r} has not staged its rows for this call")
+        total += unpack_words(got, d, x.dtype).float()
     return fused_add_rms_norm_ref(total.to(x.dtype), residual, weight, eps)

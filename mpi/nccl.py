@@ -14,8 +14,8 @@ buffers and sums them (`torch.ops.symm_mem.one_shot_all_reduce_out`; a single pa
 plain kernels on the current stream, so they are captured in CUDA graphs too. Larger messages stay on NCCL.
 
 The all-reduces a Llama block makes are each followed by the residual add and RMSNorm; `reduce_add_rms_norm` does
-the three in one kernel on the same symmetric memory (`ringlet.kernels.reduce_rms_norm`: stage, flag, read the
-peers, sum, add, normalize), one launch where the unfused path makes three (copy, one-shot, norm).
+the three in one kernel on symmetric memory of its own (`ringlet.kernels.reduce_rms_norm`: push the rows to every
+peer, wait for theirs, sum, add, normalize), one launch where the unfused path makes three (copy, one-shot, norm).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import socket
 
 import torch
 from ringlet.errors import ConfigError
-from ringlet.kernels.reduce_rms_norm import MAX_ROWS, PeerBuffers, reduce_add_rms_norm
+from ringlet.kernels.reduce_rms_norm import DTYPES, MAX_ROWS, PeerBuffers, reduce_add_rms_norm
 
 from . import control
 from .comm import Communicator, check_tensor
@@ -82,7 +82,7 @@ class NCCLCommunicator(Communicator):
         self._dist = dist
         self.one_shot_bytes, self.one_shot_note = 0, "off"
         self._buffers: dict[torch.dtype, torch.Tensor] = {}
-        self._peers: PeerBuffers | None = None  # reduce_add_rms_norm's staging and flags, with one-shot
+        self._peers: PeerBuffers | None = None  # reduce_add_rms_norm's staging, with one-shot
         self._symmetric: tuple[torch.Tensor, ...] = ()
         warm = torch.ones(1, device=device)
         self.all_reduce(warm)  # NCCL connects on first use, which must happen before any graph capture
@@ -103,7 +103,7 @@ class NCCLCommunicator(Communicator):
                     buf = symm_mem.empty(nbytes // dtype.itemsize, dtype=dtype, device=self.device)
                     symm_mem.rendezvous(buf, group=self.pg.group_name)
                     self._buffers[dtype] = buf
-                self._peers = self._map_peers(symm_mem, 2 * self.size * nbytes)
+                self._peers = self._map_peers(symm_mem, 4 * self.size * nbytes)
             except Exception as e:  # an old torch, a driver without peer mappings: NCCL does it all
                 note = f"symmetric memory unavailable: {type(e).__name__}: {e}"
         notes = control.allgather(self.group, note)
@@ -113,7 +113,7 @@ class NCCLCommunicator(Communicator):
             self.one_shot_note = next(n for n in notes if n is not None)
             return
         torch.cuda.synchronize(self.device)
-        self.group.Barrier()  # every rank's flags are zero before any rank raises one
+        self.group.Barrier()  # every rank's staging is zero before any rank writes to it
         self.one_shot_bytes, self.one_shot_note = nbytes, "symmetric memory"
         check = torch.full((8,), float(self.rank + 1), dtype=torch.bfloat16, device=self.device)
         self.all_reduce(check)
@@ -127,16 +127,13 @@ class NCCLCommunicator(Communicator):
             raise RuntimeError(f"fused all-reduce check gave {summed.tolist()}, expected {expected + 1}")
 
     def _map_peers(self, symm_mem, nbytes: int) -> PeerBuffers:
-        """Staging (uint8 [nbytes]) and flags in symmetric memory, every rank's as this rank maps them."""
+        """reduce_add_rms_norm's staging (uint8 [nbytes], zeroed) in symmetric memory, every rank's as this rank
+        maps it."""
         staging = symm_mem.empty(nbytes, dtype=torch.uint8, device=self.device)
-        flags = symm_mem.empty(self.size * MAX_ROWS, dtype=torch.int32, device=self.device)
-        flags.zero_()
-        staged = symm_mem.rendezvous(staging, group=self.pg.group_name)
-        flagged = symm_mem.rendezvous(flags, group=self.pg.group_name)
-        self._symmetric = (staging, flags)  # the allocations: the peers' views below do not keep them alive
-        return PeerBuffers(self.rank,
-                           [staged.get_buffer(r, (nbytes,), torch.uint8) for r in range(self.size)],
-                           [flagged.get_buffer(r, (self.size * MAX_ROWS,), torch.int32) for r in range(self.size)],
+        staging.zero_()
+        handle = symm_mem.rendezvous(staging, group=self.pg.group_name)
+        self._symmetric = (staging,)  # the allocation: the peers' views below do not keep it alive
+        return PeerBuffers(self.rank, [handle.get_buffer(r, (nbytes,), torch.uint8) for r in range(self.size)],
                            torch.zeros(MAX_ROWS, dtype=torch.int32, device=self.device))
 
     def all_reduce(self, tensor):
@@ -154,7 +151,7 @@ class NCCLCommunicator(Communicator):
 
     def reduce_add_rms_norm(self, x, residual, weight, eps):
         peers = self._peers
-        if peers is not None and x.dim() == 2 and x.shape[0] <= peers.max_rows(x.shape[1], x.dtype):
+        if peers is not None and x.dtype in DTYPES and x.dim() == 2 and x.shape[0] <= peers.max_rows(x.shape[1]):
             return reduce_add_rms_norm(x, residual, weight, eps, peers)
         return super().reduce_add_rms_norm(x, residual, weight, eps)
 
