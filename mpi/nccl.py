@@ -92,7 +92,8 @@ class NCCLCommunicator(Communicator):
         self._set_up_one_shot(ONE_SHOT_BYTES if one_shot_bytes is None else one_shot_bytes)
 
     def _set_up_one_shot(self, nbytes: int) -> None:
-        """Map a symmetric buffer per dtype on every rank of the group, or leave one-shot off (all ranks agree)."""
+        """Map a symmetric buffer per dtype (one-shot all-reduce) and reduce_add_rms_norm's staging on every rank
+        of the group, check both, or leave both off (all ranks agree)."""
         if nbytes <= 0 or self.size == 1:
             return
         note = _one_shot_blocker(self.group, self.device)
