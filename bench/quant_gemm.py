@@ -5,13 +5,13 @@ tinygemm, in one process on one GPU; also the GPU correctness check of kernels/q
     python bench/quant_gemm.py --batches 1           # decode GEMV only (checked and timed at M = 1): ~1 minute
     python bench/quant_gemm.py --smoke               # on the CPU through Triton's interpreter, tiny sizes
 
-Every format is first checked against quant_linear_ref on fresh random codes (each timed M on every shape, plus
-M = 100, the prefill tiles, on the first when a timed M is above 1; bf16 activations; the run exits non-zero when
-||out - ref|| / ||ref|| is past 2 eps of bf16). Timing is bench/kernels.py's: one CUDA graph replaying the op over
-copies of its inputs that overflow L2 three times, median replay / launches. Bytes moved = packed weight + scales
-(+ zeros) + x + out, each once; cuBLAS and tinygemm are charged their own bytes. Rows: Llama-7B projections
-(N x K), batch 1 and 16. Targets (DESIGN.md section 4): int4 batch 1 >= 75% of copy bandwidth, >= 2.5x tinygemm,
->= 3x cuBLAS; int4 batch 16 >= 2.5x cuBLAS; int8 batch 1 >= 1.8x cuBLAS; ternary batch 1 >= 5x cuBLAS. JSON to
+Every format is first checked against quant_linear_ref on fresh random codes (each timed M on every shape, plus M = 3, a
+partial decode tile, and M = 100, the prefill tiles, on the first when a timed M is above 1; bf16 activations; the run
+exits non-zero when ||out - ref|| / ||ref|| is past 2 eps of bf16). Timing is bench/kernels.py's: one CUDA graph
+replaying the op over copies of its inputs that overflow L2 three times, median replay / launches. Bytes moved = packed
+weight + scales (+ zeros) + x + out, each once; cuBLAS and tinygemm are charged their own bytes. Rows: Llama-7B
+projections (N x K), batch 1 and 16. Targets (DESIGN.md section 4): int4 batch 1 >= 75% of copy bandwidth, >= 2.5x
+tinygemm, >= 3x cuBLAS; int4 batch 16 >= 2.5x cuBLAS; int8 batch 1 >= 1.8x cuBLAS; ternary batch 1 >= 5x cuBLAS. JSON to
 --out (a directory gets quant_gemm-<gpu>-<date>.json inside; default bench/results/), a table last.
 """
 import argparse
@@ -47,15 +47,17 @@ class Sizes:
     copy_mib: list  # device-to-device copies for the bandwidth baseline
     shapes: dict  # name -> (N, K)
     batches: list  # timed M
+    check_small_m: int  # an extra checked M on the first shape (decode tiles, mostly padding)
     check_wide_m: int  # an extra checked M on the first shape (prefill tiles)
     dtype: torch.dtype  # activations
 
 
 SHAPES_7B = {"wqkv": (12288, 4096), "wo": (4096, 4096), "w13": (22016, 4096), "w2": (4096, 11008)}
-GPU = Sizes(copy_mib=[256, 1024], shapes=SHAPES_7B, batches=[1, 16], check_wide_m=100, dtype=torch.bfloat16)
+GPU = Sizes(copy_mib=[256, 1024], shapes=SHAPES_7B, batches=[1, 16], check_small_m=3, check_wide_m=100,
+            dtype=torch.bfloat16)
 # tl.dot on bf16 is wrong under the interpreter (triton-lang/triton#11584), so the smoke run uses fp16.
-SMOKE = Sizes(copy_mib=[1], shapes={"a": (48, 256), "b": (40, 384)}, batches=[1, 16], check_wide_m=20,
-              dtype=torch.float16)
+SMOKE = Sizes(copy_mib=[1], shapes={"a": (48, 256), "b": (40, 384)}, batches=[1, 16], check_small_m=3,
+              check_wide_m=20, dtype=torch.float16)
 
 
 def make_weight(fmt: str, n: int, k: int, device: torch.device):
@@ -104,7 +106,7 @@ def check(bench: Bench, s: Sizes) -> None:
     for i, (name, (n, k)) in enumerate(s.shapes.items()):
         for fmt in FORMATS:
             weight = make_weight(fmt, n, k, bench.device)
-            ms = s.batches + ([s.check_wide_m] if i == 0 and max(s.batches) > 1 else [])
+            ms = s.batches + ([s.check_small_m, s.check_wide_m] if i == 0 and max(s.batches) > 1 else [])
             for m in ms:
                 x = bench.rand(m, k, dtype=s.dtype)
                 bench.check(f"quant_linear {fmt} M={m} N={n} K={k}", quant_linear(x, weight),

@@ -3,15 +3,18 @@
 One launcher for every batch size. M == 1: `_quant_gemv_kernel`, a persistent kernel: each program owns one range
 of K (the whole row up to _GEMV_COLUMNS columns, else a split of it), converts and pre-scales that slice of x once,
 then streams tiles of BLOCK_N rows through FMAs, loading the next tile's words while it computes on the current one.
-M > 1: `_quant_gemm_kernel`, which expands each step's words to a [BLOCK_N, NG * GROUP] tile of integer codes in the
-activation dtype and feeds one tl.dot per step (as the left operand, so the few activation rows are the MMA's narrow
-side), with group scales and zero points applied to the per-group product; split-K for decode batches (M <= 16)
-with small N. The packing is described in kernels/quant_formats.py.
+M > 1: `_quant_gemm_kernel`: per step of one layout group (or of 16 words), each field of the [words, BLOCK_N] tile
+is by itself a K x N right operand of one tl.dot against the matching columns of x (the activation rows are the
+MMA's 16-row side), so the words go from shared memory straight into the MMA operand registers and no tile is
+reshaped; group scales and zero points apply to each group's product. Decode batches (M <= 16) split K inside the
+one launch (the last program of a tile sums the partials in a fixed order). The packing is described in
+kernels/quant_formats.py.
 
 Fields become floats without an int-to-float conversion (16 per SM per clock on sm_80/sm_90, too few to keep up
-with HBM at 4 bits). M > 1: OR-ing a field into the mantissa of 2**23 gives the float 2**23 + field exactly, and
-one subtraction removes 2**23 and the format's zero offset. M == 1: a masked field is read as a float32 denormal
-(see _X_EXP), one AND per value and no subtraction.
+with HBM at 4 bits). M > 1 on a GPU: a few PTX instructions per two values (see _dequant_asm) put a field into the
+mantissa of a power of two in fp16/bf16, two neighbouring words' fields per 32-bit register; in plain Triton (the
+interpreter, float32 activations) OR-ing a field into the mantissa of 2**23 gives the float 2**23 + field exactly.
+M == 1: a masked field is read as a float32 denormal (see _X_EXP), one AND per value and no subtraction.
 """
 from __future__ import annotations
 
@@ -22,11 +25,8 @@ import triton.language as tl
 from ._checks import FLOAT_DTYPES, check_tensor
 from ._dispatch import sm_count, use_triton
 from .gemv import _sum_splits_kernel, _tuning_bench
-from .quant_formats import QUANT_WEIGHT_TYPES, SCALE_GROUP, Int4Weight, Int8Weight, TernaryWeight
+from .quant_formats import QUANT_WEIGHT_TYPES, Int4Weight, Int8Weight, TernaryWeight
 
-# M > 1: split K when N alone gives fewer rows of W than this per SM (a row of a quantized weight is 2 to 8x
-# shorter than bf16's, so more rows are needed to keep enough bytes in flight than gemv.py's 16).
-_ROWS_PER_SM = 32
 # M == 1: the columns one program covers. Its slice of x stays in registers, pre-scaled, for every tile it streams
 # (4 words per thread per row: 16 to 64 values of x), so longer rows are split across programs; 4096 is one
 # Llama-7B row and was the fastest cut of K = 11008 on an H200 (3 splits, against 2 or 6).
@@ -44,10 +44,6 @@ _SMS_OFF_GPU = 4  # a stand-in SM count for the interpreter, so small N exercise
 # Sizes used only as loop bounds and masks: not specialized (on == 1 or % 16), so the Llama shapes and split
 # counts share compiled kernels and autotuning compiles each config once per format.
 _LOOP_BOUNDS = ["N", "KG", "SPLIT_K"]
-
-
-def _groups_per_step(args: dict) -> int:
-    return args["BLOCK_KW"] * 32 // (args["GROUP"] * args["BITS"])
 
 
 # The M == 1 kernel multiplies fields as float32 denormals: field i masked in place (bit P = BITS * i, or 16 lower
@@ -77,6 +73,19 @@ def _scaled_x(xv, i: tl.constexpr, BITS: tl.constexpr, X_EXP: tl.constexpr):
     P: tl.constexpr = BITS * i - 16 * HIGH
     SCALE: tl.constexpr = 2.0 ** (X_EXP - P)
     return xv * SCALE
+
+
+@triton.jit
+def _gemv_scales(ptr, rows, N, KG, slot_group, s_valid, SCALES: tl.constexpr):
+    """A _quant_gemv_kernel tile's scales (or zeros, SCALES == 2) as stored, to be converted where used:
+    [BLOCK_N, NSLOT] per (row, group), [BLOCK_N] per row (1) or one (0); rows past N read 0."""
+    if SCALES == 2:
+        groups = tl.where(rows < N, rows, 0).to(tl.int64)[:, None] * KG + slot_group[None, :]
+        return tl.load(ptr + groups, mask=(rows < N)[:, None] & s_valid[None, :], other=0.0)
+    elif SCALES == 1:
+        return tl.load(ptr + rows, mask=rows < N, other=0.0)
+    else:
+        return tl.load(ptr)
 
 
 def _gemv_even_k(args: dict) -> bool:
@@ -143,18 +152,29 @@ def _quant_gemv_kernel(
     # The OFFSET (or zero point) term needs only each slot's sum of x, times 2**-49 like the products.
     x_sum = tl.sum(tl.reshape(x_sum, [NSLOT, VEC]), 1) * _INV_PRODUCT_SCALE
 
-    # Persistent: tiles pid // SPLIT_K, + tile_step, ...; each iteration loads the next tile's words before its
-    # math, so every warp keeps a tile in flight while it computes (x is loaded once, not per tile).
+    # Persistent: tiles pid // SPLIT_K, + tile_step, ...; each iteration loads the next tile's words, scales and
+    # zeros before its math, so every warp keeps a tile in flight while it computes (x is loaded once, not per
+    # tile). Scales converted where used, a tile after their load, instead of on arrival in the tile that needs
+    # them: int4 on the Llama-7B shapes 12.5 -> 10.7 us (wqkv), 2.26x -> 2.61x cuBLAS bf16 (H200, 2026-11-27).
     rows = pid // SPLIT_K * BLOCK_N + offs_n
     next_words = tl.load(w_tile + rows.to(tl.int64)[:, None] * stride_wn, mask=(rows < N)[:, None] & w_valid[None, :],
                          other=0)
+    next_scale = _gemv_scales(s_ptr, rows, N, KG, slot_group, s_valid, SCALES)
+    if HAS_ZEROS:
+        next_zero = _gemv_scales(z_ptr, rows, N, KG, slot_group, s_valid, SCALES)
     for row0 in range(pid // SPLIT_K * BLOCK_N, N, tile_step * BLOCK_N):
         rows = row0 + offs_n
         words = next_words
+        scale = next_scale
+        if HAS_ZEROS:
+            zero = next_zero
         # The next tile's rows; past N (or past the last tile) they are masked and cost no traffic.
         next_rows = rows + tile_step * BLOCK_N
         next_words = tl.load(w_tile + next_rows.to(tl.int64)[:, None] * stride_wn,
                              mask=(next_rows < N)[:, None] & w_valid[None, :], other=0)
+        next_scale = _gemv_scales(s_ptr, next_rows, N, KG, slot_group, s_valid, SCALES)
+        if HAS_ZEROS:
+            next_zero = _gemv_scales(z_ptr, next_rows, N, KG, slot_group, s_valid, SCALES)
         # part = sum_i field_i * x_i (times 2**-49, see _X_EXP), summed over each thread's VEC words (one group).
         part = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
         for i in tl.static_range(VALS):
@@ -162,113 +182,253 @@ def _quant_gemv_kernel(
         part = tl.sum(tl.reshape(part, [BLOCK_N, NSLOT, VEC]), 2)
         if OFFSET != 0:
             part -= OFFSET * x_sum[None, :]
-        r = tl.where(rows < N, rows, 0).to(tl.int64)
         if SCALES == 2:
-            scale = tl.load(s_ptr + r[:, None] * KG + slot_group[None, :], mask=s_valid[None, :],
-                            other=0.0).to(tl.float32)
             if HAS_ZEROS:
                 # sum((q - z) * x) = sum(q * x) - z * sum(x): the zero costs one FMA per slot, not per field.
-                zero = tl.load(z_ptr + r[:, None] * KG + slot_group[None, :], mask=s_valid[None, :],
-                               other=0.0).to(tl.float32)
-                part -= zero * x_sum[None, :]
-            part *= scale
+                part -= zero.to(tl.float32) * x_sum[None, :]
+            part *= scale.to(tl.float32)
         out = tl.sum(part, 1) * _PRODUCT_SCALE
-        if SCALES == 1:
-            out *= tl.load(s_ptr + r).to(tl.float32)
-        if SCALES == 0:
-            out *= tl.load(s_ptr).to(tl.float32)
+        if SCALES < 2:
+            out *= scale.to(tl.float32)
         if HAS_BIAS:
             if pid_k == 0:
-                out += tl.load(b_ptr + r).to(tl.float32)
+                out += tl.load(b_ptr + tl.where(rows < N, rows, 0)).to(tl.float32)
         tl.store(out_ptr + pid_k * N + rows, out.to(out_ptr.dtype.element_ty), mask=rows < N)
 
 
-@triton.heuristics({"EVEN_K": lambda args: args["KG"] % (_groups_per_step(args) * args["SPLIT_K"]) == 0})
-@triton.jit(do_not_specialize=_LOOP_BOUNDS + ["M"])
+def _half_pair(value: float, dtype: torch.dtype) -> str:
+    """Two copies of `value` (exactly representable) as one fp16x2 / bf16x2 PTX constant."""
+    bits = int(torch.tensor([value], dtype=dtype).view(torch.int16).item()) & 0xFFFF
+    return f"0x{bits:04X}{bits:04X}"
+
+
+def _dequant_asm(bits: int, dtype: torch.dtype, offset: int) -> str:
+    """PTX for `_fields`: operands $VALS and $VALS + 1 are two packed words, neighbours along K in tl.dot's operand
+    registers; output $i (i < VALS = 32 // bits) holds field i of both minus `offset` as two fp16 / bf16 (the low
+    half from the first word): one register of the dot operand as it stands, so nothing is repacked after.
+
+    A PRMT gathers byte b of both words into bytes 0 and 2; per field, a LOP3 keeps the field of each half and ORs
+    in the exponent of a power of two whose mantissa then reads it (1024 + f in fp16; 128 + f in bf16, whose 7
+    mantissa bits take fields at bits 0-5 only, so higher ones are shifted down first), and one packed FMA removes
+    that power of two and the offset, scaling a field read in place back down. All of it is exact."""
+    vals = 32 // bits
+    first, second = f"${vals}", f"${vals + 1}"
+    half = "bf16x2" if dtype == torch.bfloat16 else "f16x2"
+    consts: dict[str, str] = {}  # value -> register name
+
+    def const(value: str) -> str:
+        return consts.setdefault(value, f"k{len(consts)}")
+
+    body = []
+    if bits == 8 and dtype == torch.bfloat16:
+        # The code byte - 128 has 8 significant bits, bf16's precision: 128 + (byte & 127) is read in place, and
+        # 256 or 128 (as the top bit is 0 or 1: one XOR of that bit into 256's pattern) subtracted.
+        low, high = const("0x43004300"), const("0x43804380")
+        low_mask, high_mask, minus_one = const("0x007F007F"), const("0x00800080"), const(_half_pair(-1.0, dtype))
+        for i in range(4):
+            body += [f"prmt.b32 t, {first}, {second}, 0x{(4 + i) << 8 | i:04X};",
+                     f"lop3.b32 u, t, {low_mask}, {low}, 0xEA;",  # (t & low_mask) | low
+                     f"lop3.b32 t, t, {high_mask}, {high}, 0x6A;",  # (t & high_mask) ^ high
+                     f"fma.rn.{half} ${i}, t, {minus_one}, u;"]
+    else:
+        exponent = const("0x43004300" if dtype == torch.bfloat16 else "0x64006400")
+        power = 128.0 if dtype == torch.bfloat16 else 1024.0
+        per_byte = 8 // bits
+        for byte in range(4):
+            body.append(f"prmt.b32 t, {first}, {second}, 0x{(4 + byte) << 8 | byte:04X};")
+            for j in range(per_byte):
+                at = bits * j  # the field's bit within each byte
+                if dtype == torch.bfloat16 and at + bits > 6:  # only a byte's top field: shift the byte down
+                    body.append(f"shr.b32 t, t, {at};")
+                    at = 0
+                mask = const(f"0x{((1 << bits) - 1) * 0x00010001 << at:08X}")
+                scale = const(_half_pair(2.0 ** -at, dtype))
+                shift = const(_half_pair(-(power / 2 ** at + offset), dtype))
+                body += [f"lop3.b32 u, t, {mask}, {exponent}, 0xEA;",  # (t & mask) | exponent
+                         f"fma.rn.{half} ${byte * per_byte + j}, u, {scale}, {shift};"]
+    decl = [f".reg .b32 t, u, {', '.join(consts.values())};"]
+    decl += [f"mov.b32 {name}, {value};" for value, name in consts.items()]
+    return "{\n" + "\n".join(decl + body) + "\n}"
+
+
+@triton.jit
+def _fields(words, DEQUANT_ASM: tl.constexpr, BITS: tl.constexpr, x_ptr):
+    """Every field of int32 `words` minus the format's offset, in x's dtype (fp16/bf16): a tuple of 32 // BITS
+    tensors shaped like `words`, from the PTX of _dequant_asm, two words per instance."""
+    dt = x_ptr.dtype.element_ty
+    if BITS == 8:
+        return tl.inline_asm_elementwise(DEQUANT_ASM, "=r,=r,=r,=r,r,r", [words], (dt, dt, dt, dt), True, 2)
+    elif BITS == 4:
+        return tl.inline_asm_elementwise(DEQUANT_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words],
+                                         (dt, dt, dt, dt, dt, dt, dt, dt), True, 2)
+    else:
+        return tl.inline_asm_elementwise(DEQUANT_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,r,r",
+                                         [words], (dt, dt, dt, dt, dt, dt, dt, dt, dt, dt, dt, dt, dt, dt, dt, dt),
+                                         True, 2)
+
+
+@triton.jit
+def _field(words, i: tl.constexpr, BITS: tl.constexpr, OFFSET: tl.constexpr, DT: tl.constexpr):
+    """Field i of int32 `words` minus OFFSET, in DT, in plain Triton (the interpreter, float32 activations): OR-ing
+    the field into the mantissa of 2**23 gives the float 2**23 + field exactly."""
+    fields = (words >> (BITS * i)) & ((1 << BITS) - 1)
+    return ((fields | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)).to(DT)
+
+
+@triton.heuristics({"EVEN_K": lambda args: args["KG"] % args["NG"] == 0})
+@triton.jit(do_not_specialize=["M", "N", "KG"])  # see _LOOP_BOUNDS (SPLIT_K is a constexpr here)
 def _quant_gemm_kernel(
     x_ptr,  # [M, K] activations, last dim contiguous, in the weight's storage column order
     w_ptr,  # [N, KG * W] int32 packed weight (kernels/quant_formats.py)
     s_ptr,  # scales: [N, KG] (SCALES == 2), [N] (1) or [1] (0)
     z_ptr,  # [N, KG] zero points, read only when HAS_ZEROS
     b_ptr,  # [N] bias, read only when HAS_BIAS
-    out_ptr,  # [SPLIT_K, M, N] contiguous: the output itself (SPLIT_K == 1, x's dtype) or float32 partials
+    out_ptr,  # [M, N] contiguous output, x's dtype
+    part_ptr,  # [SPLIT_K, M, N] float32 partial sums, used only when SPLIT_K > 1
+    count_ptr,  # int32 per output tile: programs of the tile done so far; zero between launches (SPLIT_K > 1)
     M, N, KG,  # problem size; layout groups along K (K = KG * GROUP)
     stride_xm,  # row stride of x
     stride_wn,  # KG * W, passed apart and specialized (% 16) so row starts are known 16-byte aligned
-    SPLIT_K,  # programs along K, each summing a contiguous range of groups
     BITS: tl.constexpr,  # bits per field: 8, 4 or 2
     GROUP: tl.constexpr,  # columns per layout group (the scale group when SCALES == 2)
     OFFSET: tl.constexpr,  # subtracted from every field (the symmetric zero point; 0 with HAS_ZEROS)
     SCALES: tl.constexpr,  # 0 one scale, 1 per output row, 2 per (row, group)
     HAS_ZEROS: tl.constexpr,  # per-(row, group) float zero points
-    HAS_BIAS: tl.constexpr,  # add b_ptr (split 0 only)
+    HAS_BIAS: tl.constexpr,  # add b_ptr once
     BLOCK_M: tl.constexpr,  # activation rows per program (>= 16)
     BLOCK_N: tl.constexpr,  # rows of W per program (>= 16)
-    BLOCK_KW: tl.constexpr,  # packed words of each row per step (a multiple of W; exactly W when SCALES == 2)
-    EVEN_K: tl.constexpr,  # KG % (groups per step * SPLIT_K) == 0: no bounds checks along K
+    SPLIT_K: tl.constexpr,  # programs along K (grid axis 2), each summing a contiguous range of steps
+    NG: tl.constexpr,  # layout groups per step: 1, or as many as make 16 words (tl.dot's smallest K)
+    EVEN_K: tl.constexpr,  # KG % NG == 0: every step is whole, no bounds checks along K
+    DEQUANT_ASM: tl.constexpr,  # PTX of _fields (fp16/bf16 on a GPU), or "" for _field
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 activations, else ignored
 ):
     VALS: tl.constexpr = 32 // BITS
     W: tl.constexpr = GROUP // VALS
-    NG: tl.constexpr = BLOCK_KW // W
+    SW: tl.constexpr = NG * W  # words of a row per step
+    # Group scales multiply each group's product (exact, and 2 FMAs per output per group) when a step is one
+    # group; smaller groups (16 words span several) scale every weight value instead.
+    GROUP_SCALED: tl.constexpr = SCALES == 2 and NG == 1
+    VALUE_SCALED: tl.constexpr = SCALES == 2 and NG > 1
+    DT: tl.constexpr = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
-    g_len = tl.cdiv(tl.cdiv(KG, SPLIT_K), NG) * NG
-    g_start = pid_k * g_len
-    g_end = tl.minimum(g_start + g_len, KG)
+    split_steps = tl.cdiv(tl.cdiv(KG, NG), SPLIT_K)
+    g_start = pid_k * split_steps * NG
+    g_end = tl.minimum(g_start + split_steps * NG, KG)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_g = tl.arange(0, NG)
-    offs_w = tl.arange(0, W)
-    offs_k = tl.arange(0, NG * GROUP)  # the step's columns
     rows = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
     m_valid = offs_m < M
-    w_tile = w_ptr + rows[:, None, None] * stride_wn + (offs_g[:, None] * W + offs_w[None, :])[None, :, :]
-    x_tile = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
-    # Field i of word (g, w) is column g * GROUP + i * W + w: expanding the words to [BLOCK_N, NG, VALS, W] and
-    # flattening gives the step's columns in order, so each step is one tl.dot over NG * GROUP columns.
-    shifts = (tl.arange(0, VALS) * BITS)[None, None, :, None]
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    j = tl.arange(0, SW)
+    # The weight is tl.dot's right operand, transposed to [SW, BLOCK_N] (K x N): field i of every word is then a
+    # K x N operand by itself, computed elementwise, so Triton loads the words straight into the dot operand's
+    # registers (neighbouring words along K in one thread, as _fields pairs them) with no layout change, and the
+    # few activation rows are the MMA's M side (16 with mma.sync, against 64 with wgmma). Field i of word j of a
+    # step from group g0 is column (g0 + j // W) * GROUP + i * W + j % W, so x is read per field at those columns.
+    w_tile = w_ptr + rows[None, :] * stride_wn + j[:, None]
+    x_tile = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + ((j // W) * GROUP + j % W)[None, :]
+    # Everything read outside the pipelined loads is read early and converted only where used, so that no
+    # conversion waits out a load (as in _quant_gemv_kernel, where it paid; here it measured within noise).
+    if SCALES == 1:
+        row_scale = tl.load(s_ptr + rows)
+    if SCALES == 0:
+        row_scale = tl.load(s_ptr)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rows)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if GROUP_SCALED:
+        # Each group's scales (and zeros) are loaded a step ahead, 2-byte reads, one per row.
+        g_first = tl.minimum(g_start, KG - 1)  # an empty K range loads a scale it never uses
+        scale = tl.load(s_ptr + rows * KG + g_first)
+        if HAS_ZEROS:
+            zero = tl.load(z_ptr + rows * KG + g_first)
     for g0 in range(g_start, g_end, NG):
-        g_valid = (g0 + offs_g) < g_end
         if EVEN_K:
             words = tl.load(w_tile + g0 * W)
-            xv = tl.load(x_tile + g0 * GROUP, mask=m_valid[:, None], other=0.0)
+            k_valid = m_valid[:, None]
         else:
-            words = tl.load(w_tile + g0 * W, mask=g_valid[None, :, None], other=0)
-            xv = tl.load(x_tile + g0 * GROUP, mask=m_valid[:, None] & (g0 * GROUP + offs_k < g_end * GROUP)[None, :],
-                         other=0.0)
-        fields = (words[:, :, None, :] >> shifts) & ((1 << BITS) - 1)
-        # OR-ing a field into the mantissa of 2**23 gives 2**23 + field exactly (no int-to-float conversion); the
-        # codes minus OFFSET are small integers, exact in any activation dtype, so scales and zero points are
-        # applied to the product instead of to every value: per group (one group per step) or at the end.
-        w = (fields | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
-        w = tl.reshape(w.to(x_ptr.dtype.element_ty), [BLOCK_N, NG * GROUP])
-        if SCALES == 2:
-            part = tl.dot(w, tl.trans(xv), input_precision=DOT_PRECISION)
-            scale = tl.load(s_ptr + rows * KG + g0).to(tl.float32)  # g0 < g_end: one group per step
+            in_k = (g0 + j // W) < g_end
+            words = tl.load(w_tile + g0 * W, mask=in_k[:, None], other=0)
+            k_valid = m_valid[:, None] & in_k[None, :]
+        if GROUP_SCALED:
+            g_next = tl.minimum(g0 + 1, KG - 1)
+            next_scale = tl.load(s_ptr + rows * KG + g_next)
             if HAS_ZEROS:
-                # sum((q - z) * x) = sum(q * x) - z * sum(x)
-                zero = tl.load(z_ptr + rows * KG + g0).to(tl.float32)
-                part -= zero[:, None] * tl.sum(xv.to(tl.float32), 1)[None, :]
-            acc += scale[:, None] * part
-        else:
-            acc = tl.dot(w, tl.trans(xv), acc, input_precision=DOT_PRECISION)
+                next_zero = tl.load(z_ptr + rows * KG + g_next)
+                x_group = tl.zeros([BLOCK_M, SW], dtype=tl.float32)
+            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if VALUE_SCALED:
+            groups = rows[None, :] * KG + (g0 + j // W)[:, None]
+            if EVEN_K:
+                value_scale = tl.load(s_ptr + groups).to(tl.float32)
+            else:
+                value_scale = tl.load(s_ptr + groups, mask=in_k[:, None], other=0.0).to(tl.float32)
+            if HAS_ZEROS:
+                if EVEN_K:
+                    value_zero = tl.load(z_ptr + groups).to(tl.float32)
+                else:
+                    value_zero = tl.load(z_ptr + groups, mask=in_k[:, None], other=0.0).to(tl.float32)
+        if DEQUANT_ASM != "":
+            fields = _fields(words, DEQUANT_ASM, BITS, x_ptr)
+        for i in tl.static_range(VALS):
+            xv = tl.load(x_tile + g0 * GROUP + i * W, mask=k_valid, other=0.0)
+            if DEQUANT_ASM != "":
+                wv = fields[i]
+            else:
+                wv = _field(words, i, BITS, OFFSET, DT)
+            if VALUE_SCALED:
+                if HAS_ZEROS:
+                    wv = ((wv.to(tl.float32) - value_zero) * value_scale).to(DT)
+                else:
+                    wv = (wv.to(tl.float32) * value_scale).to(DT)
+            if GROUP_SCALED:
+                part = tl.dot(xv, wv, part, input_precision=DOT_PRECISION)
+                if HAS_ZEROS:
+                    x_group += xv.to(tl.float32)
+            else:
+                acc = tl.dot(xv, wv, acc, input_precision=DOT_PRECISION)
+        if GROUP_SCALED:
+            if HAS_ZEROS:
+                # sum((q - z) * x) = sum(q * x) - z * sum(x), with x summed over the fields first (one
+                # reduction across threads per group)
+                part -= tl.sum(x_group, 1)[:, None] * zero.to(tl.float32)[None, :]
+                zero = next_zero
+            acc += part * scale.to(tl.float32)[None, :]
+            scale = next_scale
 
-    if SCALES == 1:
-        acc *= tl.load(s_ptr + rows).to(tl.float32)[:, None]
-    if SCALES == 0:
-        acc *= tl.load(s_ptr).to(tl.float32)
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(b_ptr + rows).to(tl.float32)[:, None]
-    out = out_ptr + (pid_k * M + offs_m[None, :]).to(tl.int64) * N + offs_n[:, None]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_valid[None, :] & (offs_n < N)[:, None])
+    if SCALES < 2:
+        acc *= row_scale.to(tl.float32)
+    out_offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    out_mask = m_valid[:, None] & (offs_n < N)[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += bias.to(tl.float32)[None, :]
+        tl.store(out_ptr + out_offs, acc.to(DT), mask=out_mask)
+    else:
+        # Split K in one launch: each program stores its partial sums; the last of a tile to arrive (counted
+        # after a barrier, so every thread's stores are released with the count) adds the tile's partials in
+        # split order, so the result does not depend on arrival order, and re-arms the count for the next launch.
+        tile_offs = offs_m[:, None] * N + offs_n[None, :]  # int32: split-K runs only for M <= 16
+        tl.store(part_ptr + pid_k * M * N + tile_offs, acc, mask=out_mask)
+        tl.debug_barrier()
+        tile = pid_m * tl.num_programs(0) + pid_n
+        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            # One partial in flight at a time: all SPLIT_K at once would raise the whole kernel's register count
+            # (95 to 194 per thread at 8 splits, ptxas for sm_90), which the main loop's occupancy pays for.
+            for split in range(tl.num_programs(2)):  # == SPLIT_K, but a loop the compiler keeps
+                total += tl.load(part_ptr + split * M * N + tile_offs, mask=out_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += bias.to(tl.float32)[None, :]
+            tl.store(out_ptr + out_offs, total.to(DT), mask=out_mask)
+            tl.atomic_xchg(count_ptr + tile, 0)
 
 
-def _config(block_n: int, block_kw: int, num_warps: int, num_stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_N": block_n, "BLOCK_KW": block_kw}, num_warps=num_warps, num_stages=num_stages)
+def _config(block_n: int, split_k: int | None, num_warps: int, num_stages: int) -> triton.Config:
+    kwargs = {"BLOCK_N": block_n} if split_k is None else {"BLOCK_N": block_n, "SPLIT_K": split_k}
+    return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
 
 
 # Autotuning candidates. M == 1: (BLOCK_N, PROGRAMS_PER_SM); BLOCK_KW comes from the shape and the warps from
@@ -277,29 +437,33 @@ def _config(block_n: int, block_kw: int, num_warps: int, num_stages: int) -> tri
 # on an SM at once (64 to 136 registers) lose.
 _GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "PROGRAMS_PER_SM": p}, num_warps=4, num_stages=1)
                  for n, p in ((2, 6), (4, 4), (8, 2), (4, 8), (2, 3), (8, 4))]
-# M > 1: the dequantized tile is BLOCK_N x (BLOCK_KW * 32 / BITS) values in registers, so tiles stay near 64 values
-# per thread; BLOCK_N >= 64 per 4 warps lets tl.dot use wgmma on sm_90.
-_GEMM_SKINNY_CONFIGS = [_config(n, kw, w, s) for n, kw, w, s in ((64, 16, 4, 3), (64, 16, 4, 4), (128, 16, 8, 3),
-                                                                 (64, 32, 8, 3), (32, 16, 4, 3), (128, 16, 4, 3),
-                                                                 (64, 32, 4, 3), (64, 8, 4, 3), (128, 8, 8, 3))]
-_GEMM_WIDE_CONFIGS = [_config(n, kw, w, s) for n, kw, w, s in ((128, 16, 8, 3), (64, 16, 4, 3), (128, 16, 8, 2),
-                                                               (64, 32, 8, 3), (128, 8, 8, 3), (64, 8, 4, 3))]
-# The interpreter runs one small config per path (autotuning needs a GPU timer); BLOCK_KW grows to one group. The
-# M == 1 one runs several tiles per program (_SMS_OFF_GPU programs per split).
+# M in 2..16: BLOCK_N 128 or 64 with 4 warps, 3 or 4 stages, K in 1 to 8 splits. Tuned on the Llama-7B shapes at
+# M = 16 (H200, 2026-11-27): int4 and ternary take 128 rows, int8 64, with K split 2 to 8 ways (the most where
+# N = 4096); 8 warps ran 2 to 6x slower (a [16, 16] x tile then gives a thread one value, too little for an
+# asynchronous copy). What bounds it (ncu, same day): issue latency, not memory. Each warp issues every 3.4 cycles
+# (dependent dequantize -> MMA chains) and only 1 to 3 warps per scheduler are resident (95 to 110 registers), so
+# wqkv reads 1.5 TB/s at 25% occupancy; more warps per SM or fewer instructions per value is the next step.
+_GEMM_SKINNY_CONFIGS = [_config(n, s, 4, st) for n in (128, 64) for st in (3, 4) for s in (1, 2, 4, 8)]
+# M > 16 (prefill tiles, BLOCK_M 32..128): (BLOCK_N, warps, stages) that compile for sm_90 without spilling (mma.sync
+# below 64 rows, wgmma with the fields staged in shared memory from 64; 128 x 128 spills 32 bytes). Not timed
+# against each other: prefill is not what these kernels are measured on.
+_GEMM_WIDE_CONFIGS = [_config(n, None, w, st) for n, w, st in ((64, 4, 3), (128, 8, 3), (64, 8, 3), (32, 4, 3))]
+# The interpreter runs one small config per path (autotuning needs a GPU timer). The M == 1 one runs several tiles
+# per program (_SMS_OFF_GPU programs per split); M <= 16 splits K up to 3 ways, so tests reach the split path.
 _INTERPRETER_GEMV = {"BLOCK_N": 4, "PROGRAMS_PER_SM": 1}
-_INTERPRETER_GEMM = {"BLOCK_N": 16, "BLOCK_KW": 16}
+_INTERPRETER_GEMM = {"BLOCK_N": 16, "SPLIT_K": 3}
 
 
 def _gemm_shared_bytes(cfg: triton.Config, kwargs: dict, x_bytes: int) -> int:
-    """Shared memory a _quant_gemm_kernel config asks for: num_stages - 1 pipelined copies of each step's loads
-    (packed words, per-word scales and zeros, and one x tile per field, which is what makes 2-bit tiles large)
-    plus the dequantized weight operand of each field's tl.dot. Matches triton 3.6 on sm_90 exactly for the
-    configs that overflowed (425984 bytes for ternary BLOCK_M 128, BLOCK_N 128, BLOCK_KW 32, 3 stages)."""
-    n, kw = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_KW"]
+    """An upper bound on the shared memory of a _quant_gemm_kernel config: num_stages copies of each step's loads
+    (the packed words, one x tile per field, per-value scales and zeros) and, for BLOCK_M >= 64 (wgmma, whose
+    right operand lives in shared memory), the dequantized fields. Triton 3.6 on sm_90 asked for 25088 bytes where
+    this says 36864 (int4, BLOCK_N 128, 3 stages) and 237568 for 241664 (ternary, BLOCK_M 128, BLOCK_N 64)."""
+    n, words = cfg.kwargs["BLOCK_N"], kwargs["NG"] * kwargs["GROUP"] * kwargs["BITS"] // 32
     vals = 32 // kwargs["BITS"]
-    per_word = 4 * (1 + (kwargs["SCALES"] == 2) + bool(kwargs["HAS_ZEROS"]))  # words, scales, zeros (<= 4 B)
-    loads = n * kw * per_word + vals * kwargs["BLOCK_M"] * kw * x_bytes
-    return max(cfg.num_stages - 1, 1) * loads + vals * n * kw * 2
+    per_word = 4 * (1 + (kwargs["SCALES"] == 2 and kwargs["NG"] > 1) * (1 + bool(kwargs["HAS_ZEROS"])))
+    loads = n * words * per_word + vals * kwargs["BLOCK_M"] * words * x_bytes
+    return cfg.num_stages * loads + (kwargs["BLOCK_M"] >= 64) * vals * n * words * x_bytes
 
 
 def _max_shared_bytes(device: torch.device) -> int:
@@ -307,53 +471,54 @@ def _max_shared_bytes(device: torch.device) -> int:
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """M == 1: the configs with the warps that put 4 words per thread and every warp along BLOCK_KW. M > 1: keep
-    the configs that can compile: steps of at least one group (W words), at least 16 words for tl.dot and within
-    the device's shared memory, so the autotuner never tries one that cannot launch. Falls back to the smallest
-    tile that fits."""
+    """M == 1: the configs with the warps that put 4 words per thread and every warp along BLOCK_KW. M > 1: the
+    configs within the device's shared memory whose K splits each get a step (falling back to the smallest tile),
+    so the autotuner never tries one that cannot launch or that leaves programs idle."""
     if "BLOCK_M" not in kwargs:
         warps = min(8, max(1, kwargs["BLOCK_KW"] // 128))
         return [triton.Config(c.kwargs, num_warps=warps, num_stages=1) for c in configs]
-    words = kwargs["GROUP"] * kwargs["BITS"] // 32
-    configs = _GEMM_SKINNY_CONFIGS if kwargs["BLOCK_M"] <= _MAX_SKINNY_M else _GEMM_WIDE_CONFIGS
-    if kwargs["SCALES"] == 2:  # one scale group per step
-        unique = {}
-        for c in configs:
-            c = _config(c.kwargs["BLOCK_N"], words, c.num_warps, c.num_stages)
-            unique.setdefault((c.kwargs["BLOCK_N"], c.num_warps, c.num_stages), c)
-        configs = list(unique.values())
+    steps = triton.cdiv(named_args["KG"], kwargs["NG"])
     x = named_args["x_ptr"]
     limit = _max_shared_bytes(x.device)
-    # tl.dot needs K >= 16 columns per step: a group of at least 16 (every allowed group is).
-    kept = [c for c in configs if c.kwargs["BLOCK_KW"] >= words
-            and _gemm_shared_bytes(c, kwargs, x.element_size()) <= limit]
+    kept = [c for c in configs if _gemm_shared_bytes(c, kwargs, x.element_size()) <= limit
+            and (c.kwargs.get("SPLIT_K", 1) - 1) * triton.cdiv(steps, c.kwargs.get("SPLIT_K", 1)) < steps]
     if kept:
         return kept
-    smallest = _config(16, words, 4, 2)
+    smallest = _config(16, 1 if "SPLIT_K" in configs[0].kwargs else None, 4, 2)
     if _gemm_shared_bytes(smallest, kwargs, x.element_size()) > limit:
         raise ValueError(f"no quant_linear tile fits {limit} bytes of shared memory for BITS={kwargs['BITS']}, "
                          f"GROUP={kwargs['GROUP']}, BLOCK_M={kwargs['BLOCK_M']}")
     return [smallest]
 
 
-_FORMAT_KEY = ["N", "KG", "BITS", "GROUP", "SCALES", "HAS_ZEROS", "SPLIT_K"]
-_quant_gemv_tuned = triton.autotune(configs=_GEMV_CONFIGS, key=_FORMAT_KEY,
+_FORMAT_KEY = ["N", "KG", "BITS", "GROUP", "SCALES", "HAS_ZEROS"]
+_quant_gemv_tuned = triton.autotune(configs=_GEMV_CONFIGS, key=_FORMAT_KEY + ["SPLIT_K"],
                                     prune_configs_by={"early_config_prune": _prune},
                                     do_bench=_tuning_bench)(_quant_gemv_kernel)
-# Tuned per row bucket (BLOCK_M), so prefill chunks of any length share a few tunings.
-_quant_gemm_tuned = triton.autotune(configs=_GEMM_SKINNY_CONFIGS + _GEMM_WIDE_CONFIGS, key=_FORMAT_KEY + ["BLOCK_M"],
-                                    prune_configs_by={"early_config_prune": _prune},
-                                    do_bench=_tuning_bench)(_quant_gemm_kernel)
+# M in 2..16 share one tuning per shape and format (BLOCK_M == 16), SPLIT_K included; prefill chunks of any length
+# share a few tunings per row bucket (BLOCK_M).
+_quant_gemm_skinny = triton.autotune(configs=_GEMM_SKINNY_CONFIGS, key=_FORMAT_KEY,
+                                     prune_configs_by={"early_config_prune": _prune},
+                                     do_bench=_tuning_bench)(_quant_gemm_kernel)
+_quant_gemm_wide = triton.autotune(configs=_GEMM_WIDE_CONFIGS, key=_FORMAT_KEY + ["BLOCK_M"],
+                                   prune_configs_by={"early_config_prune": _prune},
+                                   do_bench=_tuning_bench)(_quant_gemm_kernel)
+_MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in _GEMM_SKINNY_CONFIGS)
+
+# Per (device, stream): the int32 arrival count of each output tile of the split-K GEMM, zero between launches
+# (each launch's last program of a tile re-arms it), so a launch needs no memset. Keyed by stream so that launches
+# that may overlap never share counts. A CUDA graph keeps the address it was captured with, so counts are never
+# freed: _MIN_TILE_COUNTS covers every N up to 1M rows, and a larger N gets a new array while the old one stays.
+_MIN_TILE_COUNTS = 1 << 16
+_tile_counts: dict[tuple, list[torch.Tensor]] = {}
 
 
-def _split_k(m: int, n: int, row_bytes: int, device: torch.device) -> int:
-    """K splits of the M > 1 kernel."""
-    if m > _MAX_SKINNY_M:
-        return 1
-    sms = sm_count(device) if device.type == "cuda" else _SMS_OFF_GPU
-    if n >= _ROWS_PER_SM * sms:
-        return 1
-    return max(1, min(triton.cdiv(_ROWS_PER_SM * sms, n), row_bytes // _MIN_SPLIT_BYTES))
+def _arrival_counts(device: torch.device, tiles: int) -> torch.Tensor:
+    key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else None)
+    arrays = _tile_counts.setdefault(key, [])
+    if not arrays or arrays[-1].numel() < tiles:
+        arrays.append(torch.zeros(max(tiles, _MIN_TILE_COUNTS), dtype=torch.int32, device=device))
+    return arrays[-1]
 
 
 def _gemv_split_k(n: int, k: int, row_bytes: int, device: torch.device) -> int:
@@ -391,11 +556,11 @@ def quant_linear(x: torch.Tensor, weight: Int8Weight | Int4Weight | TernaryWeigh
 
     x [..., K] fp16/bf16 (fp32 allowed), weight an Int8Weight / Int4Weight / TernaryWeight with K = in_features,
     bias [N] x's dtype or None -> [..., N] x's dtype, accumulated in float32. On CUDA (or RINGLET_KERNELS=triton):
-    M == 1 streams the packed weight once through FMAs from persistent programs, M > 1 dequantizes tiles into
-    tl.dot; K is split through float32 partials for M == 1 rows longer than 4096 columns, and for M <= 16 when N
-    alone cannot fill the GPU. Autotuned per shape, format and row bucket on first use, so warm up before CUDA
-    graph capture. Act-order int4 weights permute x's columns first (one gather of M x K). On CPU tensors:
-    quant_linear_ref.
+    M == 1 streams the packed weight once through FMAs from persistent programs (K split through float32 partials
+    for rows longer than 4096 columns or small N); M > 1 dequantizes fields straight into tl.dot operands, with K
+    split inside the one launch for M <= 16 where that is faster. Autotuned per shape, format and row bucket on
+    first use, so warm up before CUDA graph capture. Act-order int4 weights permute x's columns first (one gather
+    of M x K). On CPU tensors: quant_linear_ref.
     """
     _check(x, weight, bias)
     if not use_triton(x):
@@ -414,45 +579,57 @@ def quant_linear(x: torch.Tensor, weight: Int8Weight | Int4Weight | TernaryWeigh
     bits, group = spec["bits"], spec["group"]
     kg = k // group
     words = group * bits // 32
-    if m == 1:
-        split_k = _gemv_split_k(n, k, k * bits // 8, x.device)
-    else:
-        split_k = _split_k(m, n, k * bits // 8, x.device)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    partial = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
     zeros = spec["zeros"]
     meta = {"BITS": bits, "GROUP": group, "OFFSET": spec["offset"], "SCALES": spec["scale_kind"],
-            "HAS_ZEROS": zeros is not None, "HAS_BIAS": bias is not None, "SPLIT_K": split_k}
-    args = (spec["qweight"], spec["scales"], zeros, bias, partial)
+            "HAS_ZEROS": zeros is not None, "HAS_BIAS": bias is not None}
     if m == 1:
-        meta["BLOCK_KW"] = triton.next_power_of_2(triton.cdiv(kg, split_k) * words)
+        split_k = _gemv_split_k(n, k, k * bits // 8, x.device)
+        partial = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+        meta.update(SPLIT_K=split_k, BLOCK_KW=triton.next_power_of_2(triton.cdiv(kg, split_k) * words))
+        args = (x2, spec["qweight"], spec["scales"], zeros, bias, partial, n, kg, kg * words)
         sms = sm_count(x.device) if x.is_cuda else _SMS_OFF_GPU
 
-        def grid(cfg: dict) -> tuple[int]:
+        def gemv_grid(cfg: dict) -> tuple[int]:
             # Persistent: PROGRAMS_PER_SM per SM in all (never more than there are tiles), a multiple of SPLIT_K.
             per_split = max(1, min(triton.cdiv(n, cfg["BLOCK_N"]), cfg["PROGRAMS_PER_SM"] * sms // split_k))
             return (per_split * split_k,)
 
         if x.is_cuda:
-            _quant_gemv_tuned[grid](x2, *args, n, kg, kg * words, **meta)
+            _quant_gemv_tuned[gemv_grid](*args, **meta)
         else:
-            _quant_gemv_kernel[grid](x2, *args, n, kg, kg * words, **meta, **_INTERPRETER_GEMV)
+            _quant_gemv_kernel[gemv_grid](*args, **meta, **_INTERPRETER_GEMV)
+        if split_k > 1:
+            _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](partial, out, m * n, SPLIT_K=split_k, BLOCK=1024)
+        return out.view(*lead, n)
+
+    block_m = _block_m(m)
+    skinny = block_m <= _MAX_SKINNY_M
+    # PTX field conversion for fp16/bf16 on the GPU; the interpreter and float32 take plain Triton.
+    asm = _dequant_asm(bits, x.dtype, spec["offset"]) if x.is_cuda and x.dtype != torch.float32 else ""
+    meta.update(BLOCK_M=block_m, NG=max(1, 16 // words), DEQUANT_ASM=asm,
+                DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+    if skinny:
+        partial = torch.empty((_MAX_SPLIT_K, m, n), dtype=torch.float32, device=x.device)
+        counts = _arrival_counts(x.device, triton.cdiv(n, 16))
     else:
-        block_m = _block_m(m)
-        meta.update(BLOCK_M=block_m, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+        partial, counts = out, out  # never read with SPLIT_K == 1
+    args = (x2, spec["qweight"], spec["scales"], zeros, bias, out, partial, counts, m, n, kg, x2.stride(0),
+            kg * words)
 
-        def grid(cfg: dict) -> tuple[int, int, int]:
-            return triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, block_m), split_k
+    def grid(cfg: dict) -> tuple[int, int, int]:
+        return triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, block_m), cfg.get("SPLIT_K", 1)
 
-        if x.is_cuda:
-            _quant_gemm_tuned[grid](x2, *args, m, n, kg, x2.stride(0), kg * words, **meta)
-        else:
-            _quant_gemm_kernel[grid](x2, *args, m, n, kg, x2.stride(0), kg * words, **meta,
-                                     BLOCK_N=_INTERPRETER_GEMM["BLOCK_N"],
-                                     BLOCK_KW=words if spec["scale_kind"] == SCALE_GROUP
-                                     else max(_INTERPRETER_GEMM["BLOCK_KW"], words))
-    if split_k > 1:
-        _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](partial, out, m * n, SPLIT_K=split_k, BLOCK=1024)
+    if x.is_cuda and skinny:
+        _quant_gemm_skinny[grid](*args, **meta)
+    elif x.is_cuda:
+        _quant_gemm_wide[grid](*args, SPLIT_K=1, **meta)
+    else:
+        steps = triton.cdiv(kg, meta["NG"])
+        split = min(_INTERPRETER_GEMM["SPLIT_K"], steps) if skinny else 1
+        split = triton.cdiv(steps, triton.cdiv(steps, split))  # no empty K ranges
+        cfg = {"BLOCK_N": _INTERPRETER_GEMM["BLOCK_N"], "SPLIT_K": split}
+        _quant_gemm_kernel[grid(cfg)](*args, **cfg, **meta)
     return out.view(*lead, n)
 
 

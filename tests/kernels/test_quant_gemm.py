@@ -1,8 +1,10 @@
+import struct
+
 import pytest
 import torch
 
 from ringlet.kernels.quant_formats import Int4Weight, Int8Weight, TernaryWeight
-from ringlet.kernels.quant_gemm import _gemv_split_k, _split_k, quant_linear, quant_linear_ref
+from ringlet.kernels.quant_gemm import _dequant_asm, _gemv_split_k, _tile_counts, quant_linear, quant_linear_ref
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 
@@ -58,9 +60,10 @@ FORMATS = [("int8", 72, 320), ("int4-sym-g32", 72, 320), ("int4-sym-g64", 72, 32
            ("int4-asym-g64-act", 72, 320), ("int4-sym-g128-act", 24, 384), ("ternary-tensor", 72, 320),
            ("ternary-g32", 72, 320), ("ternary-g128", 40, 384)]
 # bf16 with M > 1 takes the tl.dot path, which the interpreter computes wrongly on bf16
-# (triton-lang/triton#11584): those cases are checked on the GPU by bench/quant_gemm.py, not listed here.
-CASES = [(dtype, m) for dtype in (torch.float32, torch.float16, torch.bfloat16) for m in (1, 3, 17)
-         if not (dtype == torch.bfloat16 and m > 1)]
+# (triton-lang/triton#11584): those cases are checked on the GPU by bench/quant_gemm.py, not listed here. M = 2..16
+# share the decode tiles (16 rows, K split 3 ways under the interpreter), 17 takes the prefill tiles.
+CASES = ([(torch.float16, m) for m in (1, 2, 3, 5, 16, 17)] + [(torch.float32, m) for m in (1, 3, 17)]
+         + [(torch.bfloat16, 1)])
 
 
 @pytest.mark.parametrize("fmt,n,k", FORMATS)
@@ -84,18 +87,21 @@ def test_quant_linear(fmt, n, k, m, dtype, assert_close):
 @pytest.mark.parametrize("fmt,n,k", [("int4-asym-g128", 40, 2048), ("int4-sym-g32", 24, 2080), ("int8", 33, 1088),
                                      ("ternary-tensor", 40, 4096)])
 def test_split_k_and_bias(fmt, n, k, m, assert_close):
-    # N far below the rows-per-SM threshold: these split K (some unevenly); the bias is added once.
+    # M == 1: N far below the rows-per-SM threshold splits K through partials and a second kernel. M == 5: K split
+    # 3 ways in the launch (unevenly here; int4-sym-g32 also ends in a partial step of 16 words); the last program
+    # of each tile adds the partials and the bias once, and re-arms the tile's count for the next launch.
     weight, _ = _make(fmt, n, k)
-    row_bytes = k * weight.BITS // 8
     if m == 1:
-        assert _gemv_split_k(n, k, row_bytes, torch.device("cpu")) > 1
-    else:
-        assert _split_k(m, n, row_bytes, torch.device("cpu")) > 1
+        assert _gemv_split_k(n, k, k * weight.BITS // 8, torch.device("cpu")) > 1
     x = torch.randn(m, 1, k).half()  # leading dims are flattened: M = m
     bias = torch.randn(n).half()
-    out = quant_linear(x, weight, bias)
-    assert out.shape == (m, 1, n) and out.dtype == torch.float16
-    assert_close(out, quant_linear_ref(x, weight, bias))
+    for _ in range(2):  # the second launch finds the counts the first one left
+        out = quant_linear(x, weight, bias)
+        assert out.shape == (m, 1, n) and out.dtype == torch.float16
+        assert_close(out, quant_linear_ref(x, weight, bias))
+    if m > 1:
+        counts = _tile_counts[(torch.device("cpu"), None)][-1]
+        assert counts.numel() >= -(-n // 16) and not counts.any()
 
 
 def test_gemv_splits_long_rows(assert_close):
@@ -281,3 +287,60 @@ def test_bad_inputs_are_named():
         Int4Weight.from_codes(codes, _scales(16, 2), None, 32, torch.randperm(64)).to_awq()
     with pytest.raises(ValueError, match="zeros"):
         Int4Weight.from_codes(codes, _scales(16, 2), torch.full((16, 2), 0.5), 32).to_gptq()
+
+
+def _half_value(bits: int, dtype: torch.dtype) -> float:
+    return torch.tensor([bits], dtype=torch.int32).to(torch.int16).view(dtype).item()
+
+
+def _half_bits(value: float, dtype: torch.dtype) -> int:
+    return int(torch.tensor([value], dtype=torch.float64).to(dtype).view(torch.int16).item()) & 0xFFFF
+
+
+def _run_ptx(asm: str, inputs: list[int], outputs: int, dtype: torch.dtype) -> list[int]:
+    """Execute the straight-line PTX _dequant_asm emits (mov, prmt, lop3, shr, packed fma) on 32-bit integers."""
+    regs = {f"${outputs + i}": v for i, v in enumerate(inputs)}
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        dest, *args = (r.strip() for r in rest.split(","))
+        a = [regs[r] if r in regs else int(r, 0) for r in args]
+        if op == "mov.b32":
+            value = a[0]
+        elif op == "prmt.b32":  # byte i of the result is byte a[2] >> 4i & 7 of the pair (a[0], a[1])
+            pool = struct.pack("<II", a[0], a[1])
+            value = int.from_bytes(bytes(pool[a[2] >> 4 * i & 7] for i in range(4)), "little")
+        elif op == "lop3.b32":  # bit b is lut[(a0_b << 2) | (a1_b << 1) | a2_b]
+            value = sum((a[3] >> ((a[0] >> b & 1) << 2 | (a[1] >> b & 1) << 1 | (a[2] >> b & 1)) & 1) << b
+                        for b in range(32))
+        elif op == "shr.b32":
+            value = a[0] >> a[1]
+        elif op in ("fma.rn.f16x2", "fma.rn.bf16x2"):  # one rounding of the exact a * b + c per half
+            value = 0
+            for h in (0, 16):
+                p, q, r = (_half_value(v >> h & 0xFFFF, dtype) for v in a)
+                value |= _half_bits(p * q + r, dtype) << h
+        else:
+            raise ValueError(f"unexpected PTX {line!r}")
+        regs[dest] = value
+    return [regs[f"${i}"] for i in range(outputs)]
+
+
+@pytest.mark.parametrize("bits,offset", [(4, 8), (4, 0), (8, 128), (2, 1)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dequant_asm_fields(bits, offset, dtype):
+    # The GPU's M > 1 path converts fields with this PTX (never run by the interpreter): every field of both
+    # words, minus the offset, must come out exactly, the first word's in the low half.
+    vals = 32 // bits
+    asm = _dequant_asm(bits, dtype, offset)
+    gen = torch.Generator().manual_seed(0)
+    words = [[sum(v << bits * i for i in range(vals))] * 2 for v in range(1 << bits)]  # every value in every field
+    words += torch.randint(0, 2 ** 32, (64, 2), generator=gen, dtype=torch.int64).tolist()
+    for pair in words:
+        out = _run_ptx(asm, pair, vals, dtype)
+        for i in range(vals):
+            for half, word in enumerate(pair):
+                expected = (word >> bits * i & (1 << bits) - 1) - offset
+                assert _half_value(out[i] >> 16 * half & 0xFFFF, dtype) == expected, (i, half, hex(word))
