@@ -36,22 +36,25 @@ _MIN_SPLIT_KEYS = 128
 _ONE_SPLIT_KEYS = 512
 # Off the GPU (the interpreter in tests) use a fixed split count, so the merge of several partials is exercised.
 _SPLITS_OFF_GPU = 4
-# The row kernel (one query head per program, _attend_rows) holds 2 programs of 8 warps per SM (about 112
-# registers a thread): it is split into at most that many programs per SM, so that they run in one wave. H200,
-# FP8 at 32K, B=1: 77 us in one wave of 256 programs, 89 us with 4 per SM rounded up (544 programs: 2 waves and a
-# sliver), 82-89 us with 4-6 per SM rounded down.
-_ROW_PROGRAMS_PER_SM = 2
+# The row kernel (one query head per program, _attend_rows) is split into at most this many programs per SM,
+# rounded down, so that they run in one wave: 4 of 4 warps fit (128 registers a thread). H200, FP8 at 32K, B=1:
+# 16 splits (512 programs) 71.5 us; 3 per SM with 3 stages (smem-bound) 73.1 us, and at B=16 its 512 programs
+# take 1.3 waves: 1198 us against 1069 us.
+_ROW_PROGRAMS_PER_SM = 4
+# Keys of a tile that pass through each row slot of _attend_rows (held by the same threads): one rescale of the
+# slot's output per tile serves them all. H200, FP8 at 32K, B=1 / B=16, keys through _dot16: 2 per slot
+# (64-key tiles, 8 warps) 77.6 / 1141 us, 4 (64 keys, 4 warps) 74.2 / 1067 us, 8 (128 keys, 4 warps) 71.5 / 1069.
+_ROWS_PER_SLOT = 8
 
 
 @triton.jit
 def _tile_keys(
-    v0,  # first virtual index of the tile
+    v,  # virtual indices of the tile's keys (any shape)
     end,  # the split's end: indices >= end are not read
     seq_len, lo, n_sink, n_summary, P1, ids_row,  # the query's key list (see _decode_split_kernel)
-    BLOCK_N: tl.constexpr, PATTERN: tl.constexpr,
+    PATTERN: tl.constexpr,
 ):
-    """Key positions [BLOCK_N] of virtual indices v0 .. v0 + BLOCK_N - 1, and which of them exist."""
-    v = v0 + tl.arange(0, BLOCK_N)
+    """Key positions of virtual indices v (v's shape), and which of them exist."""
     valid = v < end
     keys = virtual_keys(v, valid, lo, n_sink, n_summary, P1, ids_row, PATTERN)
     if PATTERN == BLOCK_SPARSE_ID:
@@ -61,29 +64,37 @@ def _tile_keys(
 
 @triton.jit
 def _row_offsets(
-    keys, valid,  # [BLOCK_N] from _tile_keys
+    keys, valid,  # [SLOTS, ROWS] from _tile_keys
     table_ptr,  # this sequence's row of the block table
     kv_head, num_kv_heads,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
 ):
-    """int64 [BLOCK_N] element offsets of each key's row of kv_head in the caches, and of its scale. The page
-    is split from the slot before widening, so that only one product per key is 64-bit (cache_rows' flat rows
-    would need a 64-bit division for the scale)."""
-    page = tl.load(table_ptr + keys // PAGE_SIZE, mask=valid, other=0).to(tl.int64) * (num_kv_heads * PAGE_SIZE)
-    slot = keys % PAGE_SIZE
-    return (page + slot * num_kv_heads + kv_head) * HEAD_DIM, page + kv_head * PAGE_SIZE + slot
+    """int64 [SLOTS, ROWS] element offsets of each key's row of kv_head in the caches, and int32 ones of its
+    scale. Keys split into page and slot as unsigned numbers (a shift and a mask; invalid keys are never read),
+    and row numbers stay 32-bit (the launcher checks the cache has fewer than 2^31 rows): 10% fewer instructions
+    per tile than int64 pages and signed division (sm_90 SASS, 2026-11-27)."""
+    k = keys.to(tl.uint32)
+    page = tl.load(table_ptr + k // PAGE_SIZE, mask=valid, other=0)
+    slot = (k % PAGE_SIZE).to(tl.int32)
+    row = (page * PAGE_SIZE + slot) * num_kv_heads + kv_head
+    return row.to(tl.uint32).to(tl.int64) * HEAD_DIM, (page * num_kv_heads + kv_head) * PAGE_SIZE + slot
 
 
 @triton.jit
 def _load_rows(
-    kv_offs, scale_offs, valid,  # [BLOCK_N] from _row_offsets and _tile_keys
-    k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, dims, HAS_SCALE: tl.constexpr,
+    kv_offs, scale_offs, valid,  # [SLOTS, ROWS] from _row_offsets and _tile_keys
+    k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, dims,
+    HAS_SCALE: tl.constexpr, ASM: tl.constexpr,
 ):
-    """A tile's keys and values [BLOCK_N, Dh] as stored (missing rows 0), and their float32 scales [BLOCK_N]
-    (1 for float caches)."""
-    ptrs = kv_offs[:, None] + dims[None, :]
-    k = tl.load(k_cache_ptr + ptrs, mask=valid[:, None], other=0.0)
-    v = tl.load(v_cache_ptr + ptrs, mask=valid[:, None], other=0.0)
+    """A tile's keys and values [SLOTS, ROWS, Dh] as stored (missing rows 0; with ASM the keys as int32 words of
+    4 e4m3 values, [SLOTS, ROWS, Dh // 4]), and their float32 scales [SLOTS, ROWS] (1 for float caches)."""
+    ptrs = kv_offs[:, :, None] + dims[None, None, :]
+    if ASM:
+        words = (kv_offs >> 2)[:, :, None] + tl.arange(0, dims.shape[0] // 4)[None, None, :]
+        k = tl.load(k_cache_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + words, mask=valid[:, :, None], other=0)
+    else:
+        k = tl.load(k_cache_ptr + ptrs, mask=valid[:, :, None], other=0.0)
+    v = tl.load(v_cache_ptr + ptrs, mask=valid[:, :, None], other=0.0)
     if HAS_SCALE:
         # Each scale is read as the aligned 32-bit word holding it: the software pipeliner turns loads of 4 bytes
         # and more into asynchronous copies, but a 2-byte load would stall every step on its latency.
@@ -100,23 +111,93 @@ def _load_rows(
 
 
 @triton.jit
-def _attend_rows(
-    acc, l_r, m_r,  # per-row running output [BLOCK_N, Dh], softmax denominators and maxima [BLOCK_N] (log2)
-    q,  # [Dh] float32: the program's one query
-    k, v, k_scale, v_scale, valid,  # the tile from _load_rows, and which of its rows exist
-    qk_scale,  # softmax scale * log2(e)
+def _query_pairs(q):
+    """(lo, hi, scale): q [Dh] float32 times `scale` in float16, as int32 [Dh // 4] words of pairs (dims 4j and
+    4j + 1 in lo, 4j + 2 and 4j + 3 in hi), for _dot16. The scale keeps every float16 partial sum of _dot16
+    (8 products of at most 448 * |q_i| * scale) below 448 * 128 = 57344."""
+    scale = 128.0 / tl.maximum(tl.sum(tl.abs(q), 0), 1e-30)
+    bits = (q * scale).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    even, odd = tl.split(tl.reshape(bits, [q.shape[0] // 4, 2, 2]))
+    d0, d2 = tl.split(even)
+    d1, d3 = tl.split(odd)
+    return d0 | (d1 << 16), d2 | (d3 << 16), scale
+
+
+@triton.jit
+def _dot16(
+    k,  # [SLOTS, ROWS, Dh // 4] int32 words of 4 e4m3 keys
+    q_lo, q_hi,  # [Dh // 4] int32 float16 pairs from _query_pairs
 ):
-    """One step of one query head over a tile of keys, without cross-row reductions: row slot r keeps its own
-    running max, denominator and output over the keys that pass through it (keys r, r + BLOCK_N, ...), merged
-    once at the end (after the loop). The only reduction per tile is each score's dot product along Dh."""
-    qk = tl.sum(k.to(tl.float32) * q[None, :], 1) * (k_scale * qk_scale)
-    qk = tl.where(valid, qk, float("-inf"))
-    m_new = tl.maximum(m_r, qk)
+    """float32 [SLOTS, ROWS]: each row's dot product with q. Each group of 4 words (a thread's 16-byte load) is
+    converted 2 values per cvt and multiplied-and-added 2 per fma.f16x2 (each half summing 8 products in
+    float16), then summed in float32: 19 instructions per 16 values where float32 arithmetic takes 40. H200, 32K
+    dense: output error 4.5e-5 (B=1) and 8.5e-5 (B=16) relative to the float32 reference, against 1e-8 for float32
+    products and bfloat16's rounding of 3.9e-3."""
+    part = tl.inline_asm_elementwise(
+        """{
+        .reg .b16 h<8>;
+        .reg .b32 a<8>, t;
+        .reg .f32 lo, hi;
+        mov.b32 {h0, h1}, $4;
+        mov.b32 {h2, h3}, $5;
+        mov.b32 {h4, h5}, $6;
+        mov.b32 {h6, h7}, $7;
+        cvt.rn.f16x2.e4m3x2 a0, h0;
+        cvt.rn.f16x2.e4m3x2 a1, h1;
+        cvt.rn.f16x2.e4m3x2 a2, h2;
+        cvt.rn.f16x2.e4m3x2 a3, h3;
+        cvt.rn.f16x2.e4m3x2 a4, h4;
+        cvt.rn.f16x2.e4m3x2 a5, h5;
+        cvt.rn.f16x2.e4m3x2 a6, h6;
+        cvt.rn.f16x2.e4m3x2 a7, h7;
+        mul.rn.f16x2 t, a0, $8;
+        fma.rn.f16x2 t, a1, $12, t;
+        fma.rn.f16x2 t, a2, $9, t;
+        fma.rn.f16x2 t, a3, $13, t;
+        fma.rn.f16x2 t, a4, $10, t;
+        fma.rn.f16x2 t, a5, $14, t;
+        fma.rn.f16x2 t, a6, $11, t;
+        fma.rn.f16x2 t, a7, $15, t;
+        mov.b32 {h0, h1}, t;
+        cvt.f32.f16 lo, h0;
+        cvt.f32.f16 hi, h1;
+        add.f32 $0, lo, hi;
+        mov.b32 $1, 0x80000000;
+        mov.b32 $2, 0x80000000;
+        mov.b32 $3, 0x80000000;
+        }""",
+        "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", [k, q_lo[None, None, :], q_hi[None, None, :]],
+        dtype=tl.float32, is_pure=True, pack=4)
+    # Keep the first of each 4 (the group's sum; the others are -0).
+    first, _ = tl.split(tl.reshape(part, [k.shape[0], k.shape[1], k.shape[2] // 4, 2, 2]))
+    first, _ = tl.split(first)
+    return tl.sum(first, 2)
+
+
+@triton.jit
+def _attend_rows(
+    acc, l_r, m_r,  # per-slot running output [SLOTS, Dh], softmax denominators and maxima [SLOTS] (log2)
+    q,  # the program's one query: [Dh] float32, or with ASM its (lo, hi) pairs from _query_pairs
+    k, v,  # [SLOTS, ROWS, Dh] tile from _load_rows (with ASM, k as int32 words)
+    k_scale, v_scale, valid,  # [SLOTS, ROWS] scales from _load_rows, and which keys exist
+    qk_scale,  # softmax scale * log2(e) (with ASM, divided by _query_pairs' scale)
+    ASM: tl.constexpr,
+):
+    """One step of one query head over a tile of keys, without cross-thread reductions but each score's dot
+    product along Dh: slot s keeps its own running max, denominator and output over the keys that pass through
+    it (ROWS of each tile, held by the same threads, so that one rescale serves them all), merged once at the
+    end (after the loop)."""
+    if ASM:
+        qk = _dot16(k, q[0], q[1])
+    else:
+        qk = tl.sum(k.to(tl.float32) * q[None, None, :], 2)
+    qk = tl.where(valid, qk * (k_scale * qk_scale), float("-inf"))
+    m_new = tl.maximum(m_r, tl.max(qk, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_r - m_safe)
-    p = tl.exp2(qk - m_safe)
-    l_r = l_r * alpha + p
-    acc = acc * alpha[:, None] + (p * v_scale)[:, None] * v.to(tl.float32)
+    p = tl.exp2(qk - m_safe[:, None])
+    l_r = l_r * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.sum((p * v_scale)[:, :, None] * v.to(tl.float32), 1)
     return acc, l_r, m_new
 
 
@@ -152,6 +233,8 @@ def _decode_split_kernel(
     USE_DOT: tl.constexpr,  # attend_tile's tensor-core products, else _attend_rows (HEADS == BLOCK_G == 1 only)
     DIRECT: tl.constexpr,  # one split: write the normalized output straight to o_part_ptr, no merge
     NUM_STAGES: tl.constexpr,  # software-pipeline depth of the row loop (its loads are cp.async copies)
+    SLOTS: tl.constexpr,  # row slots of _attend_rows: BLOCK_N // _ROWS_PER_SLOT (1 with tl.dot)
+    ASM: tl.constexpr,  # FP8 keys' dot products through _dot16's inline assembly (the GPU; not the interpreter)
 ):
     seq = tl.program_id(0)
     first_head = tl.program_id(1) * HEADS
@@ -185,24 +268,33 @@ def _decode_split_kernel(
 
     table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
     if not USE_DOT:
-        acc_r = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-        l_r = tl.zeros([BLOCK_N], dtype=tl.float32)
-        m_r = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+        acc_r = tl.zeros([SLOTS, HEAD_DIM], dtype=tl.float32)
+        l_r = tl.zeros([SLOTS], dtype=tl.float32)
+        m_r = tl.full([SLOTS], float("-inf"), dtype=tl.float32)
+        # Key j of a tile goes to slot j % SLOTS: the threads that load a row of the first SLOTS keys load the
+        # rows of the same slots after them.
+        tile = tl.arange(0, SLOTS)[:, None] + tl.arange(0, BLOCK_N // SLOTS)[None, :] * SLOTS
         q_row = tl.sum(q.to(tl.float32), 0)  # the one query head (BLOCK_G == 1)
+        row_scale = qk_scale
+        if ASM:
+            q_lo, q_hi, q_scale = _query_pairs(q_row)
+            q_row = (q_lo, q_hi)
+            row_scale = qk_scale / q_scale
         # tl.range with num_stages pipelines the loads as asynchronous copies (a plain range does not without
         # tl.dot): the next tiles stream in while this one is reduced.
         for v0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
-            keys, valid = _tile_keys(v0, end, seq_len, lo, n_sink, n_summary, P1, ids_row, BLOCK_N, PATTERN)
+            keys, valid = _tile_keys(v0 + tile, end, seq_len, lo, n_sink, n_summary, P1, ids_row, PATTERN)
             kv_offs, scale_offs = _row_offsets(keys, valid, table_ptr, kv_head, num_kv_heads, HEAD_DIM, PAGE_SIZE)
             k, v, k_scale, v_scale = _load_rows(kv_offs, scale_offs, valid, k_cache_ptr, v_cache_ptr, k_scale_ptr,
-                                                v_scale_ptr, dims, HAS_SCALE)
-            acc_r, l_r, m_r = _attend_rows(acc_r, l_r, m_r, q_row, k, v, k_scale, v_scale, valid, qk_scale)
+                                                v_scale_ptr, dims, HAS_SCALE, ASM)
+            acc_r, l_r, m_r = _attend_rows(acc_r, l_r, m_r, q_row, k, v, k_scale, v_scale, valid, row_scale, ASM)
     else:
         acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
         m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
         for v0 in range(start, end, BLOCK_N):
-            keys, valid = _tile_keys(v0, end, seq_len, lo, n_sink, n_summary, P1, ids_row, BLOCK_N, PATTERN)
+            keys, valid = _tile_keys(v0 + tl.arange(0, BLOCK_N), end, seq_len, lo, n_sink, n_summary, P1, ids_row,
+                                     PATTERN)
             rows = cache_rows(table_ptr, keys, valid, PAGE_SIZE, True)
             acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, rows, valid, valid[None, :], k_cache_ptr, v_cache_ptr,
                                         k_scale_ptr, v_scale_ptr, kv_head, num_kv_heads, qk_scale, dims,
@@ -268,21 +360,22 @@ def _num_splits(batch: int, programs_per_seq: int, max_visited: int, block_n: in
 def _config(head_dim: int, dtype: torch.dtype, device: torch.device, fp8: bool,
             heads: int) -> tuple[int, int, int, bool]:
     """(BLOCK_N, num_warps, num_stages, USE_DOT) for this head size, query dtype, cache kind and query heads per
-    program. One head per program is a GEMV: without tl.dot (_attend_rows) the compiler loads the tile in wide
-    rows (tl.dot's operand layout loads FP8 a few bytes per thread, and an FP8 key tile would need a transposed
-    tensor-core operand)."""
+    program. One FP8 head per program is a GEMV: _attend_rows multiplies and sums without tl.dot (numbers
+    below)."""
     if device.type != "cuda":
         return 16, 4, 1, heads > 1
     if dtype == torch.float32 or head_dim > 128:
         return 32, 4, 2, True
     if fp8 and heads == 1:
-        # H200, 32K context, 32 heads x 128, dense, SDPA on bf16 122 us (B=1) and 1844 us (B=16): 64-key tiles,
-        # 8 warps, 3 stages take 77 us and 1146 us (3.5-3.7 TB/s). 2 stages: 97 / 1407 us; 4 stages or a
-        # register cap (maxnreg 64-80, for more programs per SM): slower, up to 2x; 32-key tiles 90 / 1176 us,
-        # 128-key 93 / 1287 us; 4 warps lay the tile out in single bytes (3-5x the instructions). Rescaling the
-        # row state only when a max grows by 2^8 (one block-wide vote per tile) costs more than it saves: 84 /
-        # 1196 us. Before the row loop was pipelined (synchronous loads, 2-byte scale loads): 114 / 1394 us.
-        return 64, 8, 3, False
+        # A pass of 4 warps loads 4 x 32 threads x 16 bytes: 2048 / head_dim rows, one per slot. H200, 32K
+        # context, 32 heads x 128, dense, against SDPA on bf16 (122 us at B=1, 1843 us at B=16): 8 rows per slot,
+        # 2 stages: 70-71.5 us and 1026-1069 us. 3 stages: 73.1 / 1198 us (3 programs per SM by shared memory);
+        # 256-key tiles of 8 warps 73.2 / 1081 us; loads prefetched into registers instead of pipelined 92.7 /
+        # 1812 us. Before: 64-key tiles of 8 warps, one key per slot, float32 dot products: 77.3 / 1130-1223 us.
+        # tl.dot over the head padded to 16 columns (keys as M, wgmma; values converted to float16 before their
+        # transposed operand): 101 / 1406 us at best. Values weighted in float16 pairs (fma.f16x2 over a slot's 8
+        # rows): no faster (70.0 / 1025 us) and 30x the error (1.3e-3).
+        return _ROWS_PER_SLOT * 2048 // head_dim, 4, 2, False
     return 64, 4, 3, True  # bf16 at 32K, B=1: 129 us (4.2 TB/s); multiply-and-sum: 176-367 us
 
 
@@ -332,6 +425,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         ids = counts = block_tables  # unused
         max_visited, heads = summary_bound(pattern, max_keys), group
     block_n, num_warps, num_stages, use_dot = _config(dh, q.dtype, q.device, has_scale, heads)
+    if not use_dot and k_cache.numel() // dh >= 2**31:
+        raise ValueError(f"k_cache has {k_cache.numel() // dh} rows of {dh} values: the one-head kernel numbers rows "
+                         f"in 32 bits, so at most 2^31 - 1")
     if has_scale and not use_dot:
         for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
             if s.data_ptr() % 4 or s.numel() % 2:
@@ -355,7 +451,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         BLOCK_G=max(16, triton.next_power_of_2(heads)) if use_dot else 1, HEAD_DIM=dh,
         PAGE_SIZE=page_size, BLOCK_N=block_n, HAS_SCALE=has_scale,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_DOT=use_dot, DIRECT=splits == 1,
-        NUM_STAGES=num_stages, num_warps=num_warps, num_stages=num_stages,
+        NUM_STAGES=num_stages, SLOTS=1 if use_dot else block_n // _ROWS_PER_SLOT, ASM=q.is_cuda and has_scale,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if splits == 1:
         return out

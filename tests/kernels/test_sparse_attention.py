@@ -74,6 +74,14 @@ def test_decode_patterns_one_head_per_kv_head(name, kind, paged_kv, fp8_paged_kv
     _decode(name, kind, DECODE_LENS, 3, 3, 32, paged_kv, fp8_paged_kv, assert_close, dense_attention)
 
 
+@pytest.mark.parametrize("dh", [16, 64])
+@pytest.mark.parametrize("name", ["dense", "local-sink", "block"])
+def test_decode_one_fp8_head_row_slots(name, dh, paged_kv, fp8_paged_kv, assert_close, dense_attention):
+    # One FP8 query head per program: each row slot takes several keys of a tile (8 on the GPU and here, where
+    # 16-key tiles make 2 slots), so lengths end inside a slot's rows, between slots and past whole tiles.
+    _decode(name, "fp8", [1, 9, 16, 0, 23, 40], 3, 3, dh, paged_kv, fp8_paged_kv, assert_close, dense_attention)
+
+
 @pytest.mark.parametrize("hq,hk", [(2, 1), (2, 2)], ids=["gqa", "mha"])
 @pytest.mark.parametrize("kind", ["fp16", "fp8"])
 @pytest.mark.parametrize("pattern", [DENSE, Local(100), Local(100, sink=4), Strided(64, 100),
