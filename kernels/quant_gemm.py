@@ -18,6 +18,8 @@ M == 1: a masked field is read as a float32 denormal (see _X_EXP), one AND per v
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -202,6 +204,7 @@ def _half_pair(value: float, dtype: torch.dtype) -> str:
     return f"0x{bits:04X}{bits:04X}"
 
 
+@functools.cache
 def _dequant_asm(bits: int, dtype: torch.dtype, offset: int) -> str:
     """PTX for `_fields`: operands $VALS and $VALS + 1 are two packed words, neighbours along K in tl.dot's operand
     registers; output $i (i < VALS = 32 // bits) holds field i of both minus `offset` as two fp16 / bf16 (the low

@@ -177,9 +177,9 @@ def reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     (out, new_residual), new contiguous [T, D] tensors of x's dtype. Every rank of the group calls it with the
     same T (it waits for them); the counters of rows [0, T) advance by one.
     """
-    _check(x, residual, weight, peers)
     if not use_triton(x):
         return reduce_add_rms_norm_ref(x, residual, weight, eps, peers)
+    _check(x, residual, weight, peers)
     t, d = x.shape
     out = torch.empty((t, d), dtype=x.dtype, device=x.device)
     residual_out = torch.empty_like(out)
