@@ -1,8 +1,9 @@
 """Weight-only quantized linear layers: fused dequantize + GEMV / GEMM over int8, int4 and ternary weights.
 
-One launcher for every batch size. M == 1: `_quant_gemv_kernel`, a persistent kernel: each program owns one range
-of K (the whole row up to _GEMV_COLUMNS columns, else a split of it), converts and pre-scales that slice of x once,
-then streams tiles of BLOCK_N rows through FMAs, loading the next tile's words while it computes on the current one.
+One launcher for every batch size. M == 1: `_quant_gemv_kernel`, a persistent kernel (as many programs as fit on
+the GPU at once): each program owns one range of K (the whole row up to _GEMV_COLUMNS columns, else a split of it),
+covered by KCHUNKS chunks of BLOCK_KW words, converts and pre-scales that slice of x once, then streams tiles of
+BLOCK_N rows through FMAs, loading the next tile's words while it computes on the current one.
 M > 1: `_quant_gemm_kernel`: per step of one layout group (or of 16 words), each field of the [words, BLOCK_N] tile
 is by itself a K x N right operand of one tl.dot against the matching columns of x (the activation rows are the
 MMA's 16-row side), so the words go from shared memory straight into the MMA operand registers and no tile is
@@ -29,10 +30,16 @@ from ._dispatch import sm_count, use_triton
 from .gemv import _sum_splits_kernel, _tuning_bench
 from .quant_formats import QUANT_WEIGHT_TYPES, Int4Weight, Int8Weight, TernaryWeight
 
-# M == 1: the columns one program covers. Its slice of x stays in registers, pre-scaled, for every tile it streams
-# (4 words per thread per row: 16 to 64 values of x), so longer rows are split across programs; 4096 is one
-# Llama-7B row and was the fastest cut of K = 11008 on an H200 (3 splits, against 2 or 6).
-_GEMV_COLUMNS = 4096
+# M == 1: the columns one program covers. Its slice of x stays in registers, pre-scaled, for every tile it streams:
+# K / (32 * num_warps) floats per thread, so longer rows are split across programs (at 8 warps, 64 floats). A split
+# costs a second launch to sum the partials: Llama-7B's w2 (K = 11008) in one launch of 3 chunks against 3 splits
+# (H200, 2026-11-27): int8 13.9 against 15.5 us, ternary 10.6 against 11.6, but int4 12.6 against 12.1 (asym 14.2
+# against 13.1), whose chunks fit only as 8-byte loads by 8 warps (2 programs of about 128 registers per SM).
+_GEMV_COLUMNS = 16384
+# M == 1: the most floats of x a thread keeps (more cost the occupancy that keeps loads in flight), and the most
+# padding a layout may add past a program's K range (its FMAs are wasted).
+_GEMV_X_FLOATS = 64
+_GEMV_MAX_PAD = 1 / 8
 # M == 1: split K further when N gives fewer rows than this per SM (the persistent kernel fills the GPU from
 # 4 rows per program, so only small N needs it).
 _GEMV_ROWS_PER_SM = 16
@@ -78,22 +85,31 @@ def _scaled_x(xv, i: tl.constexpr, BITS: tl.constexpr, X_EXP: tl.constexpr):
 
 
 @triton.jit
-def _gemv_scales(ptr, rows, N, KG, slot_group, s_valid, SCALES: tl.constexpr):
-    """A _quant_gemv_kernel tile's scales (or zeros, SCALES == 2) as stored, to be converted where used:
-    [BLOCK_N, NSLOT] per (row, group), [BLOCK_N] per row (1) or one (0); rows past N read 0."""
-    if SCALES == 2:
-        groups = tl.where(rows < N, rows, 0).to(tl.int64)[:, None] * KG + slot_group[None, :]
-        return tl.load(ptr + groups, mask=(rows < N)[:, None] & s_valid[None, :], other=0.0)
-    elif SCALES == 1:
-        return tl.load(ptr + rows, mask=rows < N, other=0.0)
+def _gemv_load(ptrs, ok, in_k, EVEN_K: tl.constexpr):
+    """A [K, BLOCK_N] tile of _quant_gemv_kernel, masked by `ok` per row and, unless EVEN_K, by `in_k` along K
+    (reading 0 there, so padding adds nothing)."""
+    if EVEN_K:
+        return tl.load(ptrs, mask=ok[None, :])
     else:
-        return tl.load(ptr)
+        return tl.load(ptrs, mask=ok[None, :] & in_k[:, None], other=0)
+
+
+@triton.jit
+def _gemv_load_t(ptrs, ok, in_k, EVEN_K: tl.constexpr):
+    """_gemv_load of a tile addressed as [BLOCK_N, NSLOT], transposed. Triton then gives the load a layout with
+    the rows across threads, and moves each tile's slot sums there (one shared-memory transpose) to meet it, so
+    the sums over K cost 5 rather than 20 shuffles per thread for 4 rows (SASS, sm_90)."""
+    if EVEN_K:
+        return tl.trans(tl.load(ptrs, mask=ok[:, None]))
+    else:
+        return tl.trans(tl.load(ptrs, mask=ok[:, None] & in_k[None, :], other=0))
 
 
 def _gemv_even_k(args: dict) -> bool:
-    """Every program's K range fills its BLOCK_KW words exactly: no bounds checks along K."""
+    """Every program's K range is exactly KCHUNKS * BLOCK_KW words: no bounds checks along K."""
     words = args["GROUP"] * args["BITS"] // 32
-    return args["KG"] % args["SPLIT_K"] == 0 and args["KG"] // args["SPLIT_K"] * words == args["BLOCK_KW"]
+    return (args["KG"] % args["SPLIT_K"] == 0
+            and args["KG"] // args["SPLIT_K"] * words == args["KCHUNKS"] * args["BLOCK_KW"])
 
 
 @triton.heuristics({"EVEN_K": _gemv_even_k})
@@ -106,7 +122,7 @@ def _quant_gemv_kernel(
     b_ptr,  # [N] bias, read only when HAS_BIAS
     out_ptr,  # [SPLIT_K, N] contiguous: the output itself (SPLIT_K == 1, x's dtype) or float32 partials
     N, KG,  # output features; layout groups along K (K = KG * GROUP)
-    stride_wn,  # KG * W, passed apart and specialized (% 16) so row starts are known 16-byte aligned: 4-word loads
+    stride_wn,  # KG * W, passed apart and specialized (% 16) so row starts are known 16-byte aligned
     SPLIT_K,  # K ranges; program p sums range p % SPLIT_K (the grid is a multiple of SPLIT_K)
     BITS: tl.constexpr,  # bits per field: 8, 4 or 2
     GROUP: tl.constexpr,  # columns per layout group (the scale group when SCALES == 2)
@@ -115,14 +131,15 @@ def _quant_gemv_kernel(
     HAS_ZEROS: tl.constexpr,  # per-(row, group) float zero points
     HAS_BIAS: tl.constexpr,  # add b_ptr (split 0 only)
     BLOCK_N: tl.constexpr,  # rows of W per tile
-    BLOCK_KW: tl.constexpr,  # packed words per row of a program's K range, padded to a power of two
-    PROGRAMS_PER_SM: tl.constexpr,  # sizes the grid only (see quant_linear)
-    EVEN_K: tl.constexpr,  # every K range is exactly BLOCK_KW words: no bounds checks along K
+    VEC: tl.constexpr,  # packed words per load (4: 16 bytes), all in one layout group
+    BLOCK_KW: tl.constexpr,  # words per chunk of a row: VEC per thread (32 * num_warps * VEC)
+    KCHUNKS: tl.constexpr,  # chunks covering a program's K range (the last one masked unless EVEN_K)
+    EVEN_K: tl.constexpr,  # every K range is exactly KCHUNKS * BLOCK_KW words: no bounds checks along K
 ):
     VALS: tl.constexpr = 32 // BITS  # fields per word
     W: tl.constexpr = GROUP // VALS  # words per group
-    VEC: tl.constexpr = 4 if W >= 4 else W  # words per thread per row: one 16-byte load
-    NSLOT: tl.constexpr = BLOCK_KW // VEC  # threads' slots along K; slot j lies in group j // (W // VEC)
+    NSLOT: tl.constexpr = BLOCK_KW // VEC  # slots of VEC words along a chunk; slot j lies in group j // (W // VEC)
+    CHUNK_GROUPS: tl.constexpr = BLOCK_KW // W
     pid = tl.program_id(0)
     pid_k = pid % SPLIT_K
     tile_step = tl.num_programs(0) // SPLIT_K
@@ -131,70 +148,130 @@ def _quant_gemv_kernel(
     g_end = tl.minimum(g_start + g_share, KG)
     offs_n = tl.arange(0, BLOCK_N)
     kw = tl.arange(0, BLOCK_KW)
-    w_valid = (g_start + kw // W) < g_end
-    slot_group = g_start + tl.arange(0, NSLOT) // (W // VEC)
-    s_valid = slot_group < g_end
-    # The tile is loaded as [BLOCK_N, BLOCK_KW] with K contiguous, so Triton puts 4 words per thread and threads,
-    # then warps, along K, with the rows in registers: a thread's columns are the same for every row and tile, and
-    # its slice of x is the slice of the tile's layout (a 3-D [rows, groups, words] tile let Triton 3.6 put threads
-    # along the rows, 4x the x registers).
-    w_tile = w_ptr + g_start * W + kw[None, :]
-    # x, converted and pre-scaled once per program: field i of word kw multiplies column
-    # (g_start + kw // W) * GROUP + i * W + kw % W, times 2**(X_EXP - P) (see _scaled_x).
-    x_col = x_ptr + (g_start + kw // W) * GROUP + kw % W
+    slot = tl.arange(0, NSLOT)
+    row0 = pid // SPLIT_K * BLOCK_N
+    row_step = tile_step * BLOCK_N
+    # Tiles are [BLOCK_KW, BLOCK_N] per chunk, K first: Triton then puts VEC words per thread (the contiguity
+    # max_contiguous allows) and threads, then warps, along K, with the rows in registers, for any VEC (with K
+    # second, VEC == 1 tied with the rows and Triton spread the rows across threads). A thread's columns are the
+    # same for every row and tile, so its slice of x stays in registers; pointers advance by a fixed step. The
+    # hints sit where the offsets are computed: put on a helper's argument, Triton dropped them (VEC was ignored).
+    w_rows = w_ptr + row0.to(tl.int64) * stride_wn  # advanced by w_step per tile
+    w_step = row_step.to(tl.int64) * stride_wn
+    w_tile = tl.max_contiguous(tl.multiple_of(g_start * W + kw, VEC), VEC)[:, None] + (offs_n * stride_wn)[None, :]
+    if SCALES == 2:
+        s_rows = row0.to(tl.int64) * KG
+        s_step = row_step.to(tl.int64) * KG
+        s_tile = (offs_n * KG)[:, None] + g_start + (slot // (W // VEC))[None, :]
+    ok = row0 + offs_n < N
+    # The first tile's words and scales are requested with x, not after x is converted (which waits for x's load):
+    # the two waits overlap, and the words come from HBM, the longer one.
+    next_words = ()
+    next_scale = ()
+    next_zero = ()
+    for c in tl.static_range(KCHUNKS):
+        in_k = g_start + c * CHUNK_GROUPS + kw // W < g_end
+        next_words = next_words + (_gemv_load(w_rows + w_tile + c * BLOCK_KW, ok, in_k, EVEN_K),)
+        if SCALES == 2:
+            s_in_k = g_start + c * CHUNK_GROUPS + slot // (W // VEC) < g_end
+            next_scale = next_scale + (_gemv_load_t(s_ptr + s_rows + s_tile + c * CHUNK_GROUPS, ok, s_in_k,
+                                                    EVEN_K),)
+            if HAS_ZEROS:
+                next_zero = next_zero + (_gemv_load_t(z_ptr + s_rows + s_tile + c * CHUNK_GROUPS, ok, s_in_k,
+                                                      EVEN_K),)
+    if SCALES == 0:
+        tensor_scale = tl.load(s_ptr).to(tl.float32) * _PRODUCT_SCALE
+    if HAS_BIAS:
+        first_split = offs_n * 0 + pid_k == 0  # a vector: the interpreter refuses a mask made of a program id alone
+    # x, converted and pre-scaled once per program: field i of word kw of chunk c multiplies column
+    # (g_start + c * CHUNK_GROUPS + kw // W) * GROUP + i * W + kw % W, times 2**(X_EXP - P) (see _scaled_x).
+    # Loaded as [BLOCK_KW, 1] tiles, so they take the words' layout: loaded 1-D, each field went through a
+    # shared-memory layout change with two barriers, serializing the 8 to 16 loads (about 2 us per launch, H200).
     xs = ()
-    x_sum = tl.zeros([BLOCK_KW], dtype=tl.float32)
-    for i in tl.static_range(VALS):
-        if EVEN_K:
-            xv = tl.load(x_col + i * W).to(tl.float32)
+    x_terms = ()
+    for c in tl.static_range(KCHUNKS):
+        x_col = (g_start + c * CHUNK_GROUPS + kw // W) * GROUP + kw % W
+        x_col = x_ptr + tl.max_contiguous(tl.multiple_of(x_col, VEC), VEC)[:, None]
+        x_in_k = (g_start + c * CHUNK_GROUPS + kw // W < g_end)[:, None]
+        x_sum = tl.zeros([BLOCK_KW, 1], dtype=tl.float32)
+        x_chunk = ()
+        for i in tl.static_range(VALS):
+            if EVEN_K:
+                xv = tl.load(x_col + i * W).to(tl.float32)
+            else:
+                xv = tl.load(x_col + i * W, mask=x_in_k, other=0.0).to(tl.float32)
+            x_sum += xv
+            x_chunk = x_chunk + (_scaled_x(xv, i, BITS, _X_EXP),)
+        xs = xs + (x_chunk,)
+        if HAS_ZEROS:
+            # sum((q - z) * x) = sum(q * x) - z * sum(x): per slot, times 2**-49 like the products.
+            x_terms = x_terms + (tl.sum(tl.reshape(x_sum, [NSLOT, VEC, 1]), 1) * _INV_PRODUCT_SCALE,)
         else:
-            xv = tl.load(x_col + i * W, mask=w_valid, other=0.0).to(tl.float32)
-        x_sum += xv
-        xs = xs + (_scaled_x(xv, i, BITS, _X_EXP),)
-    # The OFFSET (or zero point) term needs only each slot's sum of x, times 2**-49 like the products.
-    x_sum = tl.sum(tl.reshape(x_sum, [NSLOT, VEC]), 1) * _INV_PRODUCT_SCALE
+            # -OFFSET * (the sum of the word's columns of x) starts each word's FMA chain: no per-tile cost.
+            x_terms = x_terms + (x_sum * (-OFFSET * _INV_PRODUCT_SCALE),)
 
-    # Persistent: tiles pid // SPLIT_K, + tile_step, ...; each iteration loads the next tile's words, scales and
-    # zeros before its math, so every warp keeps a tile in flight while it computes (x is loaded once, not per
-    # tile). Scales converted where used, a tile after their load, instead of on arrival in the tile that needs
-    # them: int4 on the Llama-7B shapes 12.5 -> 10.7 us (wqkv), 2.26x -> 2.61x cuBLAS bf16 (H200, 2026-11-27).
-    rows = pid // SPLIT_K * BLOCK_N + offs_n
-    next_words = tl.load(w_tile + rows.to(tl.int64)[:, None] * stride_wn, mask=(rows < N)[:, None] & w_valid[None, :],
-                         other=0)
-    next_scale = _gemv_scales(s_ptr, rows, N, KG, slot_group, s_valid, SCALES)
-    if HAS_ZEROS:
-        next_zero = _gemv_scales(z_ptr, rows, N, KG, slot_group, s_valid, SCALES)
-    for row0 in range(pid // SPLIT_K * BLOCK_N, N, tile_step * BLOCK_N):
-        rows = row0 + offs_n
+    # Persistent (the grid holds what fits on the GPU at once): tiles pid // SPLIT_K, + tile_step, ...; each
+    # iteration requests the next tile's words (and scales) before its math, so every warp keeps a tile in flight
+    # while it computes. Scales are converted where used, a tile after their load: int4 on the Llama-7B shapes
+    # 12.5 -> 10.7 us (wqkv) (H200, 2026-11-27).
+    for row_start in range(row0, N, row_step):
         words = next_words
         scale = next_scale
-        if HAS_ZEROS:
-            zero = next_zero
-        # The next tile's rows; past N (or past the last tile) they are masked and cost no traffic.
-        next_rows = rows + tile_step * BLOCK_N
-        next_words = tl.load(w_tile + next_rows.to(tl.int64)[:, None] * stride_wn,
-                             mask=(next_rows < N)[:, None] & w_valid[None, :], other=0)
-        next_scale = _gemv_scales(s_ptr, next_rows, N, KG, slot_group, s_valid, SCALES)
-        if HAS_ZEROS:
-            next_zero = _gemv_scales(z_ptr, next_rows, N, KG, slot_group, s_valid, SCALES)
-        # part = sum_i field_i * x_i (times 2**-49, see _X_EXP), summed over each thread's VEC words (one group).
-        part = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
-        for i in tl.static_range(VALS):
-            part += _denormal_field(words, i, BITS) * xs[i][None, :]
-        part = tl.sum(tl.reshape(part, [BLOCK_N, NSLOT, VEC]), 2)
-        if OFFSET != 0:
-            part -= OFFSET * x_sum[None, :]
-        if SCALES == 2:
-            if HAS_ZEROS:
-                # sum((q - z) * x) = sum(q * x) - z * sum(x): the zero costs one FMA per slot, not per field.
-                part -= zero.to(tl.float32) * x_sum[None, :]
-            part *= scale.to(tl.float32)
-        out = tl.sum(part, 1) * _PRODUCT_SCALE
-        if SCALES < 2:
-            out *= scale.to(tl.float32)
+        zero = next_zero
+        rows = row_start + offs_n
+        if SCALES == 1:
+            row_scale = tl.load(s_ptr + rows, mask=rows < N)
         if HAS_BIAS:
-            if pid_k == 0:
-                out += tl.load(b_ptr + tl.where(rows < N, rows, 0)).to(tl.float32)
+            bias = tl.load(b_ptr + rows, mask=(rows < N) & first_split, other=0.0)
+        w_rows += w_step
+        ok = rows + row_step < N
+        next_words = ()
+        for c in tl.static_range(KCHUNKS):
+            in_k = g_start + c * CHUNK_GROUPS + kw // W < g_end
+            next_words = next_words + (_gemv_load(w_rows + w_tile + c * BLOCK_KW, ok, in_k, EVEN_K),)
+        if SCALES == 2:
+            s_rows += s_step
+            next_scale = ()
+            next_zero = ()
+            for c in tl.static_range(KCHUNKS):
+                s_in_k = g_start + c * CHUNK_GROUPS + slot // (W // VEC) < g_end
+                next_scale = next_scale + (_gemv_load_t(s_ptr + s_rows + s_tile + c * CHUNK_GROUPS, ok, s_in_k,
+                                                        EVEN_K),)
+                if HAS_ZEROS:
+                    next_zero = next_zero + (_gemv_load_t(z_ptr + s_rows + s_tile + c * CHUNK_GROUPS, ok, s_in_k,
+                                                          EVEN_K),)
+        # sum_i field_i * x_i per word (times 2**-49, see _X_EXP), one FMA chain per word.
+        if SCALES == 2:
+            # Group scales: each chunk's chains are summed per slot (VEC words of one group), less the zero
+            # point's share, and scaled.
+            acc = tl.zeros([NSLOT, BLOCK_N], dtype=tl.float32)
+            for c in tl.static_range(KCHUNKS):
+                if HAS_ZEROS:
+                    part = _denormal_field(words[c], 0, BITS) * xs[c][0]
+                else:
+                    part = _denormal_field(words[c], 0, BITS) * xs[c][0] + x_terms[c]
+                for i in tl.static_range(1, VALS):
+                    part += _denormal_field(words[c], i, BITS) * xs[c][i]
+                part = tl.sum(tl.reshape(part, [NSLOT, VEC, BLOCK_N]), 1)
+                if HAS_ZEROS:
+                    part -= zero[c].to(tl.float32) * x_terms[c]
+                acc += part * scale[c].to(tl.float32)
+            out = tl.sum(acc, 0) * _PRODUCT_SCALE
+        else:
+            # One scale for the whole row: the chains run on through every chunk.
+            acc = _denormal_field(words[0], 0, BITS) * xs[0][0] + x_terms[0]
+            for c in tl.static_range(KCHUNKS):
+                if c > 0:
+                    acc += x_terms[c]
+                for i in tl.static_range(1 if c == 0 else 0, VALS):
+                    acc += _denormal_field(words[c], i, BITS) * xs[c][i]
+            out = tl.sum(acc, 0)
+            if SCALES == 1:
+                out *= row_scale.to(tl.float32) * _PRODUCT_SCALE
+            else:
+                out *= tensor_scale
+        if HAS_BIAS:
+            out += bias.to(tl.float32)
         tl.store(out_ptr + pid_k * N + rows, out.to(out_ptr.dtype.element_ty), mask=rows < N)
 
 
@@ -434,12 +511,12 @@ def _config(block_n: int, split_k: int | None, num_warps: int, num_stages: int) 
     return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
 
 
-# Autotuning candidates. M == 1: (BLOCK_N, PROGRAMS_PER_SM); BLOCK_KW comes from the shape and the warps from
-# BLOCK_KW (see _prune). The best per format on Llama-7B shapes (H200, cold weights, in CUDA graphs): int4 2 rows x
-# 6 programs or 4 x 4, int8 8 x 2 or 2 x 3, ternary 4 x 8 or 8 x 4; more rows per thread or more programs than fit
-# on an SM at once (64 to 136 registers) lose.
-_GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "PROGRAMS_PER_SM": p}, num_warps=4, num_stages=1)
-                 for n, p in ((2, 6), (4, 4), (8, 2), (4, 8), (2, 3), (8, 4))]
+# Autotuning candidates. M == 1: (BLOCK_N, VEC, num_warps); _prune keeps the layouts that suit the shape and adds
+# their K chunking, and the grid holds as many programs as fit on the GPU (_gemv_resident). Chosen on the Llama-7B
+# shapes (H200, 2026-11-27): int4 8 rows x 4 warps (wqkv, w13) or 2 x 4 (wo), ternary 8 x 2, int8 2 to 4 rows of
+# 2 chunks x 4 warps or 1 x 8; K = 11008 in 3 chunks by 8 warps (int4 8-byte, ternary 4-byte, int8 16-byte loads).
+_GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "VEC": v}, num_warps=w, num_stages=1)
+                 for v in (4, 2, 1) for w in (2, 4, 8) for n in (2, 4, 8)]
 # M in 2..16: BLOCK_N 128 or 64 with 4 warps, 3 or 4 stages, K in 1 to 8 splits. Tuned on the Llama-7B shapes at
 # M = 16 (H200, 2026-11-27): int4 and ternary take 128 rows, int8 64, with K split 2 to 8 ways (the most where
 # N = 4096); 8 warps ran 2 to 6x slower (a [16, 16] x tile then gives a thread one value, too little for an
@@ -452,8 +529,9 @@ _GEMM_SKINNY_CONFIGS = [_config(n, s, 4, st) for n in (128, 64) for st in (3, 4)
 # against each other: prefill is not what these kernels are measured on.
 _GEMM_WIDE_CONFIGS = [_config(n, None, w, st) for n, w, st in ((64, 4, 3), (128, 8, 3), (64, 8, 3), (32, 4, 3))]
 # The interpreter runs one small config per path (autotuning needs a GPU timer). The M == 1 one runs several tiles
-# per program (_SMS_OFF_GPU programs per split); M <= 16 splits K up to 3 ways, so tests reach the split path.
-_INTERPRETER_GEMV = {"BLOCK_N": 4, "PROGRAMS_PER_SM": 1}
+# per program (_SMS_OFF_GPU programs per split) and chunks of 64 words (one warp of 2-word loads), so tests reach
+# several chunks and a padded last one; M <= 16 splits K up to 3 ways, so tests reach the split path.
+_INTERPRETER_GEMV = {"BLOCK_N": 4, "VEC": 2}
 _INTERPRETER_GEMM = {"BLOCK_N": 16, "SPLIT_K": 3}
 
 
@@ -473,13 +551,36 @@ def _max_shared_bytes(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
+def _gemv_layout(kg: int, split_k: int, bits: int, group: int, warps: int, vec: int) -> dict:
+    """How num_warps threads loading `vec` words each cover a program's K range (ceil(KG / SPLIT_K) groups): the
+    M == 1 kernel's VEC, BLOCK_KW and KCHUNKS."""
+    w = group * bits // 32
+    vec = min(vec, w)
+    block_kw = 32 * warps * vec
+    return {"VEC": vec, "BLOCK_KW": block_kw, "KCHUNKS": triton.cdiv(triton.cdiv(kg, split_k) * w, block_kw)}
+
+
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """M == 1: the configs with the warps that put 4 words per thread and every warp along BLOCK_KW. M > 1: the
+    """M == 1: each config with its K layout (see _gemv_layout), keeping those whose x slice fits _GEMV_X_FLOATS
+    per thread and whose padding past the K range is at most _GEMV_MAX_PAD (else the least padded). M > 1: the
     configs within the device's shared memory whose K splits each get a step (falling back to the smallest tile),
     so the autotuner never tries one that cannot launch or that leaves programs idle."""
     if "BLOCK_M" not in kwargs:
-        warps = min(8, max(1, kwargs["BLOCK_KW"] // 128))
-        return [triton.Config(c.kwargs, num_warps=warps, num_stages=1) for c in configs]
+        kg, split_k, bits, group = named_args["KG"], named_args["SPLIT_K"], kwargs["BITS"], kwargs["GROUP"]
+        words = triton.cdiv(kg, split_k) * group * bits // 32
+        scored = []
+        for c in configs:
+            layout = _gemv_layout(kg, split_k, bits, group, c.num_warps, c.kwargs["VEC"])
+            floats = layout["KCHUNKS"] * layout["VEC"] * 32 // bits
+            pad = layout["KCHUNKS"] * layout["BLOCK_KW"] / words - 1
+            fits = floats <= _GEMV_X_FLOATS and pad <= _GEMV_MAX_PAD
+            scored.append((fits, layout["VEC"], -pad, -floats,
+                           triton.Config({**c.kwargs, **layout}, num_warps=c.num_warps, num_stages=1)))
+        # The widest loads among the layouts that fit (all of them when none does: the least padded).
+        best = max(s[:4] for s in scored)
+        keep = best[:2] if best[0] else best
+        kept = {(tuple(sorted(s[4].kwargs.items())), s[4].num_warps): s[4] for s in scored if s[:len(keep)] == keep}
+        return list(kept.values())
     steps = triton.cdiv(named_args["KG"], kwargs["NG"])
     x = named_args["x_ptr"]
     limit = _max_shared_bytes(x.device)
@@ -524,9 +625,37 @@ def _arrival_counts(device: torch.device, tiles: int) -> torch.Tensor:
     return arrays[-1]
 
 
+# Per compiled M == 1 kernel (its constexprs and argument dtypes): programs of it that fit on one SM at once.
+_resident_programs: dict[tuple, int] = {}
+
+
+def _gemv_resident(args: tuple, cfg: dict) -> int:
+    """How many programs of the _quant_gemv_kernel that `cfg` (its bound arguments) selects fit on one SM at once,
+    from the compiled kernel's registers and shared memory: the persistent grid's programs per SM."""
+    constexprs = {p.name: cfg[p.name] for p in _quant_gemv_kernel.fn.params if p.is_constexpr and p.name != "EVEN_K"}
+    dtypes = tuple(None if a is None else a.dtype for a in args[:6])
+    key = (args[0].device, dtypes, tuple(sorted(constexprs.items())))
+    if key not in _resident_programs:
+        warps = cfg["BLOCK_KW"] // (32 * cfg["VEC"])
+        kernel = _quant_gemv_kernel.warmup(*args, grid=(1,), num_warps=warps, num_stages=1, **constexprs)
+        # Compiled (cached) but not launched: loading it fills in n_regs. Both are Triton internals (3.6 to 3.9);
+        # without them the grid is sized by threads alone, and programs past what fits wait for a free slot.
+        getattr(kernel, "_init_handles", lambda: None)()
+        props = torch.cuda.get_device_properties(args[0].device)
+        fits = props.max_threads_per_multi_processor // (32 * warps)
+        n_regs = getattr(kernel, "n_regs", 0)
+        if n_regs:
+            warp_regs = triton.cdiv(n_regs * 32, 256) * 256  # registers are allocated per warp, 256 at a time
+            fits = min(fits, props.regs_per_multiprocessor // warp_regs // warps)
+        if kernel.metadata.shared:
+            fits = min(fits, props.shared_memory_per_multiprocessor // (kernel.metadata.shared + 1024))
+        _resident_programs[key] = max(1, fits)
+    return _resident_programs[key]
+
+
 def _gemv_split_k(n: int, k: int, row_bytes: int, device: torch.device) -> int:
     """K ranges of the M == 1 kernel: rows longer than _GEMV_COLUMNS are split (x must fit in registers), and more
-    when N is too small to give every SM its rows."""
+    when N is too small to give every SM its rows. A split costs a second launch to sum the partials."""
     split = triton.cdiv(k, _GEMV_COLUMNS)
     sms = sm_count(device) if device.type == "cuda" else _SMS_OFF_GPU
     if n < _GEMV_ROWS_PER_SM * sms:
@@ -560,7 +689,7 @@ def quant_linear(x: torch.Tensor, weight: Int8Weight | Int4Weight | TernaryWeigh
     x [..., K] fp16/bf16 (fp32 allowed), weight an Int8Weight / Int4Weight / TernaryWeight with K = in_features,
     bias [N] x's dtype or None -> [..., N] x's dtype, accumulated in float32. On CUDA (or RINGLET_KERNELS=triton):
     M == 1 streams the packed weight once through FMAs from persistent programs (K split through float32 partials
-    for rows longer than 4096 columns or small N); M > 1 dequantizes fields straight into tl.dot operands, with K
+    for rows longer than 16384 columns or small N); M > 1 dequantizes fields straight into tl.dot operands, with K
     split inside the one launch for M <= 16 where that is faster. Autotuned per shape, format and row bucket on
     first use, so warm up before CUDA graph capture. Act-order int4 weights permute x's columns first (one gather
     of M x K). On CPU tensors: quant_linear_ref.
@@ -589,19 +718,21 @@ def quant_linear(x: torch.Tensor, weight: Int8Weight | Int4Weight | TernaryWeigh
     if m == 1:
         split_k = _gemv_split_k(n, k, k * bits // 8, x.device)
         partial = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
-        meta.update(SPLIT_K=split_k, BLOCK_KW=triton.next_power_of_2(triton.cdiv(kg, split_k) * words))
-        args = (x2, spec["qweight"], spec["scales"], zeros, bias, partial, n, kg, kg * words)
+        args = (x2, spec["qweight"], spec["scales"], zeros, bias, partial, n, kg, kg * words, split_k)
         sms = sm_count(x.device) if x.is_cuda else _SMS_OFF_GPU
 
         def gemv_grid(cfg: dict) -> tuple[int]:
-            # Persistent: PROGRAMS_PER_SM per SM in all (never more than there are tiles), a multiple of SPLIT_K.
-            per_split = max(1, min(triton.cdiv(n, cfg["BLOCK_N"]), cfg["PROGRAMS_PER_SM"] * sms // split_k))
+            # Persistent: as many programs as fit on the GPU at once (never more than there are tiles), a
+            # multiple of SPLIT_K.
+            per_sm = _gemv_resident(args, cfg) if x.is_cuda else 1
+            per_split = max(1, min(triton.cdiv(n, cfg["BLOCK_N"]), per_sm * sms // split_k))
             return (per_split * split_k,)
 
         if x.is_cuda:
             _quant_gemv_tuned[gemv_grid](*args, **meta)
         else:
-            _quant_gemv_kernel[gemv_grid](*args, **meta, **_INTERPRETER_GEMV)
+            cfg = {**_INTERPRETER_GEMV, **_gemv_layout(kg, split_k, bits, group, 1, _INTERPRETER_GEMV["VEC"])}
+            _quant_gemv_kernel[gemv_grid](*args, **meta, **cfg)
         if split_k > 1:
             _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](partial, out, m * n, SPLIT_K=split_k, BLOCK=1024)
         return out.view(*lead, n)

@@ -3,6 +3,7 @@ import struct
 import pytest
 import torch
 
+from ringlet.kernels import quant_gemm
 from ringlet.kernels.quant_formats import Int4Weight, Int8Weight, TernaryWeight
 from ringlet.kernels.quant_gemm import _dequant_asm, _gemv_split_k, _tile_counts, quant_linear, quant_linear_ref
 
@@ -104,14 +105,38 @@ def test_split_k_and_bias(fmt, n, k, m, assert_close):
         assert counts.numel() >= -(-n // 16) and not counts.any()
 
 
-def test_gemv_splits_long_rows(assert_close):
-    # M == 1 keeps one program's slice of x in registers, so rows past 4096 columns are split even for large N:
-    # here into 2 uneven ranges (33 and 32 groups of 64).
+def test_gemv_long_rows(monkeypatch, assert_close):
+    # M == 1 covers a program's K range in chunks, each with its own slice of x in registers (under the interpreter
+    # 64 words, so here 17 chunks, the last one padded); rows past _GEMV_COLUMNS are split across programs instead
+    # (lowered here to 2048: 3 uneven ranges of 22, 22 and 21 groups of 64).
     n, k = 96, 4160
     weight, _ = _make("int8", n, k)
-    assert _gemv_split_k(n, k, k, torch.device("cpu")) == 2
     x = torch.randn(1, k).half()
+    assert _gemv_split_k(n, k, k, torch.device("cpu")) == 1
     assert_close(quant_linear(x, weight), quant_linear_ref(x, weight))
+    monkeypatch.setattr(quant_gemm, "_GEMV_COLUMNS", 2048)
+    assert _gemv_split_k(n, k, k, torch.device("cpu")) == 3
+    assert_close(quant_linear(x, weight), quant_linear_ref(x, weight))
+
+
+@pytest.mark.parametrize("bits,group,k", [(4, 128, 4096), (4, 128, 11008), (2, 128, 4096), (2, 128, 11008),
+                                          (8, 128, 4096), (8, 128, 11008), (2, 32, 320), (8, 64, 4160)])
+def test_gemv_layouts(bits, group, k):
+    # The M == 1 configs the autotuner may try: each covers the K range with its chunks, keeps at most
+    # _GEMV_X_FLOATS of x per thread with at most _GEMV_MAX_PAD of padding where any layout can, and loads
+    # 16 bytes per thread where that fits (the Llama-7B rows with 4096 columns).
+    configs = quant_gemm._prune(quant_gemm._GEMV_CONFIGS, {"KG": k // group, "SPLIT_K": 1}, BITS=bits, GROUP=group)
+    words = k * bits // 32
+    assert configs
+    for c in configs:
+        span = c.kwargs["KCHUNKS"] * c.kwargs["BLOCK_KW"]
+        assert c.kwargs["BLOCK_KW"] == 32 * c.num_warps * c.kwargs["VEC"] and words <= span
+        assert span - c.kwargs["BLOCK_KW"] < words  # no chunk lies wholly past the range
+        if k in (4096, 11008):
+            assert c.kwargs["KCHUNKS"] * c.kwargs["VEC"] * 32 // bits <= quant_gemm._GEMV_X_FLOATS
+            assert span <= words * (1 + quant_gemm._GEMV_MAX_PAD)
+        if k == 4096:
+            assert c.kwargs["VEC"] == 4
 
 
 def test_ref_matches_float64(assert_close):
