@@ -3,7 +3,9 @@ from the paged cache (bf16/fp16/fp32, or FP8 e4m3 with per-(token, head) scales)
 
 A query tile visits only the keys its pattern can show it: dense, everything up to its last query; local, the band
 of keys overlapping its queries' windows plus the sink keys left of it; strided, those plus the summary columns
-left of the band, gathered stride apart in tiles of BLOCK_N; block-sparse, the blocks its lookup row lists.
+left of the band, gathered stride apart in tiles of BLOCK_N; block-sparse, the blocks its lookup row lists. Tiles
+whose keys every query of the program sees (whole tiles left of the diagonal, inside every query's window, strided
+summary columns, vertical stripes left of every local band) skip the mask.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, check_kv_caches, check_tensor
 from ._dispatch import use_triton
-from ._paged import attend_tile, cache_rows, gather_kv
+from ._paged import gather_kv
 from .patterns import (
     BLOCK_SPARSE_ID,
     DENSE,
@@ -34,9 +36,62 @@ from .patterns import (
 
 
 @triton.jit
-def _attend_range(
+def _attend_tile(
+    acc, l_i, m_i,  # running output [M, Dh], softmax denominator and max [M] (log2 domain)
+    q, q_pos,  # queries [M, Dh] in the dot dtype (float16 over FP8 pages) and their positions [M]
+    keys, valid,  # [N] key positions of the tile and which exist (the others are not read)
+    full,  # every query sees every key of the tile: no mask
+    head, kv_head, num_kv_heads, P0, P1, P2,
+    k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr, qk_scale, dims,
+    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    PATTERN: tl.constexpr,  # the pattern, for the visibility mask
+    HAS_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One flash-attention step over a gathered tile of keys; returns the updated (acc, l_i, m_i)."""
+    page = tl.load(table_ptr + keys // PAGE_SIZE, mask=valid, other=0)
+    slot = keys % PAGE_SIZE
+    offs = ((page.to(tl.int64) * PAGE_SIZE + slot) * num_kv_heads + kv_head)[:, None] * HEAD_DIM + dims[None, :]
+    k = tl.load(k_cache_ptr + offs, mask=valid[:, None], other=0.0)
+    if HAS_SCALE:
+        scale_idx = (page * num_kv_heads + kv_head) * PAGE_SIZE + slot  # 32-bit: the launcher checks the size
+        k_scale = tl.load(k_scale_ptr + scale_idx, mask=valid, other=0.0).to(tl.float32)
+        # The value scale is read as the aligned 32-bit word holding it: the software pipeliner copies loads of
+        # 4 bytes and more ahead asynchronously, with the value tile.
+        v_word = tl.load(v_scale_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (scale_idx >> 1), mask=valid,
+                         other=0)
+        v_scale = (v_word >> ((scale_idx & 1) * 16)).to(tl.int16).to(tl.float16, bitcast=True)
+    qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
+    if HAS_SCALE:
+        qk = qk * (k_scale * qk_scale)[None, :]
+    if not full:
+        qk = tl.where(valid[None, :] & visible(q_pos, keys, head, P0, P1, P2, PATTERN), qk, float("-inf"))
+    if HAS_SCALE:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+    else:
+        # Float pages: the softmax scale is applied after the row max (scale > 0), so that scaling and
+        # subtracting the max below are one fused multiply-add per score.
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    # A query that has seen no key yet keeps m = -inf; subtracting 0 instead keeps its terms 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if HAS_SCALE:
+        p = tl.exp2(qk - m_safe[:, None])
+    else:
+        p = tl.exp2(qk * qk_scale - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_cache_ptr + offs, mask=valid[:, None], other=0.0)
+    if HAS_SCALE:
+        # Value scales multiply the value rows in float16 (see _paged.py).
+        v = v.to(tl.float16) * v_scale[:, None]
+    acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attend_keys(
     acc, l_i, m_i, q, q_pos,  # running state, queries [BLOCK_M, Dh] and their positions
-    v_start, v_end,  # virtual key indices [v_start, v_end) (see patterns.virtual_keys)
+    v_end,  # virtual key indices [0, v_end) (see patterns.virtual_keys)
+    free_a, free_b, free_c,  # tiles inside [0, free_a) or [free_b, free_c) are visible to every query
     lo, n_sink, n_summary, ids_ptr,  # virtual_keys arguments
     key_end,  # keys >= key_end are not read
     head, kv_head, num_kv_heads, P0, P1, P2,
@@ -44,22 +99,21 @@ def _attend_range(
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     PATTERN: tl.constexpr,  # the pattern, for the visibility mask
     KEY_MAP: tl.constexpr,  # the pattern id whose virtual_keys mapping this range uses
-    MASKED: tl.constexpr,  # check bounds (v < v_end, key < key_end)
-    APPLY_SEEN: tl.constexpr,  # apply the pattern's visibility mask (else every key is visible to every query)
     HAS_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    for v0 in range(v_start, v_end, BLOCK_N):
+    # Masks are applied under a branch, tile by tile, not in loops of their own: each loop drains the software
+    # pipeline and refills it. H200, 32 heads x 128, bf16 4K: dense 441 us with an unmasked loop then a masked
+    # one, 416 us with one loop; local:256 137 us with a loop each for the window's left edge, inside and
+    # diagonal, 108 us with one.
+    for v0 in range(0, v_end, BLOCK_N):
         v = v0 + tl.arange(0, BLOCK_N)
         valid = v < v_end
         keys = virtual_keys(v, valid, lo, n_sink, n_summary, P1, ids_ptr, KEY_MAP)
         valid = valid & (keys < key_end)
-        rows = cache_rows(table_ptr, keys, valid, PAGE_SIZE, MASKED)
-        seen = valid[None, :]
-        if APPLY_SEEN:
-            seen = seen & visible(q_pos, keys, head, P0, P1, P2, PATTERN)
-        acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, rows, valid, seen, k_cache_ptr, v_cache_ptr,
-                                    k_scale_ptr, v_scale_ptr, kv_head, num_kv_heads, qk_scale, dims,
-                                    HEAD_DIM, PAGE_SIZE, MASKED, APPLY_SEEN, HAS_SCALE, DOT_PRECISION)
+        full = (v0 + BLOCK_N <= free_a) | ((v0 >= free_b) & (v0 + BLOCK_N <= free_c))
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, q_pos, keys, valid, full, head, kv_head, num_kv_heads,
+                                     P0, P1, P2, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr,
+                                     qk_scale, dims, HEAD_DIM, PAGE_SIZE, PATTERN, HAS_SCALE, DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -112,8 +166,8 @@ def _prefill_attention_kernel(
 
     # The tile's queries sit at positions [q_first, end); an empty tile (past q_len) gets end 0 and visits nothing.
     tile_valid = m_block * BLOCK_M < q_len
-    q_first = context + m_block * BLOCK_M
     end = tl.where(tile_valid, context + tl.minimum((m_block + 1) * BLOCK_M, q_len), 0)
+    q_first = tl.minimum(context + m_block * BLOCK_M, end)
     table_ptr = block_tables_ptr + seq * stride_bt
     kv_head = head // GROUP
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -121,41 +175,40 @@ def _prefill_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
     if PATTERN == BLOCK_SPARSE_ID:
-        # Every listed block, masked: the row lists the union over the tile's query blocks.
+        # The row lists the union over the tile's query blocks, ascending. Its first entries, left of every query's
+        # local band, are vertical stripes, which every query sees.
         lookup_row = head * lookup_rows + q_first // SPARSE_BLOCK
         count = tl.load(counts_ptr + lookup_row, mask=tile_valid, other=0)
-        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, q_pos, 0, count * SPARSE_BLOCK, 0, 0, 0,
-                                      ids_ptr + lookup_row.to(tl.int64) * lookup_width, end,
-                                      head, kv_head, num_kv_heads, P0, P1, P2,
-                                      k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr, qk_scale, dims,
-                                      HEAD_DIM, PAGE_SIZE, BLOCK_N, PATTERN, BLOCK_SPARSE_ID, True, True,
-                                      HAS_SCALE, DOT_PRECISION)
+        band_block = tl.maximum(q_first // SPARSE_BLOCK - P0 + 1, 0)
+        n_stripes = (band_block + head) // P1 - head // P1
+        acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, count * SPARSE_BLOCK, n_stripes * SPARSE_BLOCK, 0, 0,
+                                     0, 0, 0, ids_ptr + lookup_row.to(tl.int64) * lookup_width, end,
+                                     head, kv_head, num_kv_heads, P0, P1, P2,
+                                     k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr, qk_scale, dims,
+                                     HEAD_DIM, PAGE_SIZE, BLOCK_N, PATTERN, BLOCK_SPARSE_ID, HAS_SCALE,
+                                     DOT_PRECISION)
     else:
-        if PATTERN == DENSE_ID:
-            # Keys before the tile's first query, whole BLOCK_N tiles: visible to every query, no mask.
-            band_start = tl.minimum(q_first // BLOCK_N * BLOCK_N, end)
-            acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, q_pos, 0, band_start, 0, 0, 0, ids_ptr, end,
-                                          head, kv_head, num_kv_heads, P0, P1, P2,
-                                          k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr, qk_scale,
-                                          dims, HEAD_DIM, PAGE_SIZE, BLOCK_N, PATTERN, DENSE_ID, False, False,
-                                          HAS_SCALE, DOT_PRECISION)
-        else:
-            # Local and strided: the band from the first query's window start, after the keys left of it that
-            # every query of the tile sees (sink keys, then strided summary columns: patterns.keys_before).
-            band_start = tl.minimum(window_start(q_first, P0, PATTERN), end)
-            n_sink, n_summary = keys_before(band_start, P1, P2, PATTERN)
-            n_before = tl.where(tile_valid, n_sink + n_summary, 0)
-            acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, q_pos, 0, n_before, 0, n_sink, n_summary, ids_ptr, end,
-                                          head, kv_head, num_kv_heads, P0, P1, P2,
-                                          k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr,
-                                          qk_scale, dims, HEAD_DIM, PAGE_SIZE, BLOCK_N, PATTERN, PATTERN,
-                                          True, False, HAS_SCALE, DOT_PRECISION)
-        # The band up to the tile's last query: causal and pattern masks.
-        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, q_pos, band_start, end, 0, 0, 0, ids_ptr, end,
-                                      head, kv_head, num_kv_heads, P0, P1, P2,
-                                      k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr, qk_scale, dims,
-                                      HEAD_DIM, PAGE_SIZE, BLOCK_N, PATTERN, DENSE_ID, True, True,
-                                      HAS_SCALE, DOT_PRECISION)
+        # The window [lo, end) from the first query's window start (0 for dense): keys [lo, a) are visible to
+        # some queries only (a: the last query's window start), [a, q_first] to every query, the rest causally.
+        lo = tl.minimum(window_start(q_first, P0, PATTERN), end)
+        a = tl.minimum(tl.maximum(window_start(end - 1, P0, PATTERN), lo), q_first)
+        if PATTERN != DENSE_ID:
+            # Left of the window, the keys every query sees (sink keys, then strided summary columns), gathered.
+            # They get a loop of their own, so that the window's keys are mapped as contiguous ones, not through
+            # the pattern's where-chains in every tile. bf16 strided:128,256: 4K 144 us, 32K 1.24 ms, against
+            # 152 us, 1.30 ms with one loop over both. Over FP8 pages it goes the other way (225 us, 1.86 ms
+            # against 176 us, 1.72 ms): their 128-key tiles make the separate loop's padded last tile costly.
+            n_sink, n_summary = keys_before(lo, P1, P2, PATTERN)
+            n_before = n_sink + n_summary
+            acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, n_before, n_before, 0, 0, lo, n_sink, n_summary,
+                                         ids_ptr, end, head, kv_head, num_kv_heads, P0, P1, P2,
+                                         k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr, qk_scale,
+                                         dims, HEAD_DIM, PAGE_SIZE, BLOCK_N, PATTERN, PATTERN, HAS_SCALE,
+                                         DOT_PRECISION)
+        acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, end - lo, 0, a - lo, q_first - lo + 1, lo, 0, 0,
+                                     ids_ptr, end, head, kv_head, num_kv_heads, P0, P1, P2,
+                                     k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr, qk_scale, dims,
+                                     HEAD_DIM, PAGE_SIZE, BLOCK_N, PATTERN, DENSE_ID, HAS_SCALE, DOT_PRECISION)
 
     # Every valid row sees its own key, so l_i > 0 there; rows past q_len are not stored.
     out = acc / tl.where(row_valid, l_i, 1.0)[:, None]
@@ -166,21 +219,28 @@ def _prefill_attention_kernel(
 
 def _config(head_dim: int, dtype: torch.dtype, device: torch.device, pattern_id: int,
             fp8: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this head size, dtype, pattern and cache kind."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this head size, dtype, pattern and cache kind. Timings: H200,
+    32 heads x 128, one 4K or 32K prompt (bench/attention.py)."""
     if device.type != "cuda":
         return 16, 16, 4, 1  # the interpreter: small tiles keep tests fast and cover multi-block paths
     if dtype == torch.float32 or head_dim > 128:
         return 64, 32, 4, 2
     if fp8:
-        # H200, 32 heads x 128, FP8 pages: 64 x 128 tiles with 2 stages: dense 4K 633 us, 32K 33.2 ms, local:256
-        # at 32K 1.22 ms, against 861 us, 43.7 ms, 1.88 ms with the bf16 tiles below.
-        return 64, 128, 4, 2
+        # Every pattern: dense 4K 592 us, 32K 30.8 ms; block-sparse at 32K 4.67 ms against 6.84 ms with 64 x 64
+        # tiles. Eight warps over 128 x 64 tiles took 838 us at 4K: each thread then converts fewer keys and
+        # values, but computes and loads the key scales of as many score columns.
+        return 64, 128, 4, 3
     if pattern_id != DENSE_ID.value:
-        # Sparse tiles are partly masked at a band's edges; on an H200 (bf16, 32 heads x 128) local:256 at 32K
-        # takes 784 us with 64 x 32 tiles, 904 us with 64 x 64 and 1.06 ms with 128 x 128.
-        return 64, 32, 4, 3
+        # Tiles at a band's edges are partly masked: block-sparse at 4K 160 us against 203 us with 128 x 128
+        # tiles; local:256 at 32K 811 us against 875 us with 64 x 32 (both before sink and summary keys got a
+        # loop of their own; 806 us after).
+        return 64, 64, 4, 3
     if head_dim == 128:
-        return 128, 128, 8, 3  # measured best on H200 for 1K-4K causal prompts (bf16)
+        # 4K 416 us, 32K 20.9 ms. The pipeliner fetches the keys and values (num_stages - 1) // 2 tiles ahead
+        # (2: their chain of loads, block table then rows), so 5 stages fetch two tiles ahead (three 128 x 128
+        # buffers, 225 KB of shared memory): no faster (414 against 416 us, both 20.7 ms at 32K). 128 x 64 tiles
+        # were slower: 4K 454 us with 5 stages, 529 us with 3, where these took 441 us.
+        return 128, 128, 8, 3
     return 128, 64, 4, 3
 
 
@@ -215,6 +275,12 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         raise ValueError(f"head_dim must be a power of two in 16..256, got q of shape {tuple(q.shape)}")
     if hq % hk:
         raise ValueError(f"q heads ({hq}) must be a multiple of cache kv heads ({hk})")
+    if has_scale:
+        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if s.numel() >= 2 ** 31 or s.numel() % 2 or s.data_ptr() % 4:
+                raise ValueError(f"{name} is indexed in 32 bits and read as 32-bit words here: it must hold an even "
+                                 f"number of scales below 2^31 and start 4-byte aligned, got {s.numel()} scales at "
+                                 f"address {s.data_ptr()}")
     pattern_id, p0, p1, p2 = kernel_params(pattern)
     out = torch.empty((tq, hq, dh), dtype=q.dtype, device=q.device)
     if tq == 0 or b == 0 or max_q_len <= 0:

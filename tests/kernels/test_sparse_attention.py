@@ -92,11 +92,7 @@ def test_decode_patterns_long(pattern, kind, hq, hk, paged_kv, fp8_paged_kv, ass
     _decode(pattern, kind, [1027, 17], hq, hk, 16, paged_kv, fp8_paged_kv, assert_close, dense_attention)
 
 
-@pytest.mark.parametrize("kind", ["fp32", "fp16", "fp8"])
-@pytest.mark.parametrize("name", sorted(PATTERNS))
-def test_prefill_patterns(name, kind, paged_kv, fp8_paged_kv, assert_close, dense_attention):
-    pattern = PATTERNS[name]
-    seq_lens, q_lens = PREFILL_LENS
+def _prefill(pattern, kind, seq_lens, q_lens, paged_kv, fp8_paged_kv, assert_close, dense_attention):
     dh = 16
     k_cache, v_cache, scales, tables, dense, dtype = _caches(kind, seq_lens, HK, dh, paged_kv, fp8_paged_kv)
     tq = sum(q_lens)
@@ -113,6 +109,24 @@ def test_prefill_patterns(name, kind, paged_kv, fp8_paged_kv, assert_close, dens
         k, v = dense[b]
         expected = dense_attention(q[rows], k, v, torch.arange(seq_len - n, seq_len), dh ** -0.5, pattern)
         assert_close(ref[rows].float(), expected, dtype)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "fp16", "fp8"])
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_prefill_patterns(name, kind, paged_kv, fp8_paged_kv, assert_close, dense_attention):
+    _prefill(PATTERNS[name], kind, *PREFILL_LENS, paged_kv, fp8_paged_kv, assert_close, dense_attention)
+
+
+@pytest.mark.parametrize("kind", ["fp16", "fp8"])
+@pytest.mark.parametrize("pattern", [DENSE, Local(40), Local(47, sink=3), Strided(2, 40), Strided(8, 40, sink=21),
+                                     BlockSparse(16, 2, 3)], ids=str)
+def test_prefill_patterns_long(pattern, kind, paged_kv, fp8_paged_kv, assert_close, dense_attention):
+    # Under the interpreter a program holds 16 queries and steps 16 keys, so tiles that every query of a program
+    # sees (no mask) sit beside masked ones: windows wider than a program have a left edge seen by some queries
+    # and whole tiles seen by all (with window 47 a tile ends 2 keys past the first query, which must mask it);
+    # summary columns fill whole tiles and, with stride 2 and the chunk below, end one key into one; block-sparse
+    # stripes lie left of every query's band. The second sequence is a chunk starting mid-page.
+    _prefill(pattern, kind, [130, 112], [130, 58], paged_kv, fp8_paged_kv, assert_close, dense_attention)
 
 
 def test_fp8_scales_are_applied(fp8_paged_kv):
@@ -134,10 +148,14 @@ def test_bad_scales_are_named(paged_kv, fp8_paged_kv):
     with pytest.raises(ValueError, match="k_scale"):
         prefill_attention(torch.randn(5, 2, 16, dtype=torch.float16), k8, v8, tables, lens * 0, lens, lens, 0.25, 5,
                           v_scale=vs)
-    # One query head per kv head reads the scales as 32-bit words: a scale tensor 2 bytes off alignment is refused.
+    # Decode with one query head per kv head, and prefill, read the scales as 32-bit words: a scale tensor 2 bytes
+    # off alignment is refused.
     shifted = torch.empty(vs.numel() + 1, dtype=vs.dtype)[1:].view(vs.shape).copy_(vs)
     with pytest.raises(ValueError, match="v_scale"):
         decode_attention(q[:, :1], k8, v8, tables, lens, 0.25, k_scale=ks, v_scale=shifted)
+    with pytest.raises(ValueError, match="v_scale"):
+        prefill_attention(torch.randn(5, 2, 16, dtype=torch.float16), k8, v8, tables, lens * 0, lens, lens, 0.25, 5,
+                          k_scale=ks, v_scale=shifted)
     k_cache, v_cache, tables, _ = paged_kv([5], 1, 16, torch.float16)
     with pytest.raises(ValueError, match="k_scale"):
         decode_attention(q, k_cache, v_cache, tables, lens, 0.25, k_scale=ks, v_scale=vs)
