@@ -105,6 +105,30 @@ def _gemv_load_t(ptrs, ok, in_k, EVEN_K: tl.constexpr):
         return tl.trans(tl.load(ptrs, mask=ok[:, None] & in_k[None, :], other=0))
 
 
+@triton.jit
+def _gemv_tile_loads(w_rows, w_tile, s_ptr, z_ptr, s_rows, s_tile, ok, g_start, g_end, kw, slot,
+                     W: tl.constexpr, VEC: tl.constexpr, BLOCK_KW: tl.constexpr, KCHUNKS: tl.constexpr,
+                     SCALES: tl.constexpr, HAS_ZEROS: tl.constexpr, EVEN_K: tl.constexpr):
+    """One tile of _quant_gemv_kernel, chunk by chunk: its packed words (KCHUNKS [BLOCK_KW, BLOCK_N] tiles) and,
+    for group scales (SCALES == 2), its scales and zero points (KCHUNKS [NSLOT, BLOCK_N] tiles each; empty tuples
+    where there are none). w_rows + w_tile and s_rows + s_tile (into s_ptr and z_ptr) address the first chunk;
+    rows where `ok` is False read nothing."""
+    CHUNK_GROUPS: tl.constexpr = BLOCK_KW // W
+    words = ()
+    for c in tl.static_range(KCHUNKS):
+        in_k = g_start + c * CHUNK_GROUPS + kw // W < g_end
+        words = words + (_gemv_load(w_rows + w_tile + c * BLOCK_KW, ok, in_k, EVEN_K),)
+    scales = ()
+    zeros = ()
+    if SCALES == 2:
+        for c in tl.static_range(KCHUNKS):
+            s_in_k = g_start + c * CHUNK_GROUPS + slot // (W // VEC) < g_end
+            scales = scales + (_gemv_load_t(s_ptr + s_rows + s_tile + c * CHUNK_GROUPS, ok, s_in_k, EVEN_K),)
+            if HAS_ZEROS:
+                zeros = zeros + (_gemv_load_t(z_ptr + s_rows + s_tile + c * CHUNK_GROUPS, ok, s_in_k, EVEN_K),)
+    return words, scales, zeros
+
+
 def _gemv_even_k(args: dict) -> bool:
     """Every program's K range is exactly KCHUNKS * BLOCK_KW words: no bounds checks along K."""
     words = args["GROUP"] * args["BITS"] // 32
@@ -159,26 +183,15 @@ def _quant_gemv_kernel(
     w_rows = w_ptr + row0.to(tl.int64) * stride_wn  # advanced by w_step per tile
     w_step = row_step.to(tl.int64) * stride_wn
     w_tile = tl.max_contiguous(tl.multiple_of(g_start * W + kw, VEC), VEC)[:, None] + (offs_n * stride_wn)[None, :]
-    if SCALES == 2:
-        s_rows = row0.to(tl.int64) * KG
-        s_step = row_step.to(tl.int64) * KG
-        s_tile = (offs_n * KG)[:, None] + g_start + (slot // (W // VEC))[None, :]
-    ok = row0 + offs_n < N
+    # Group scales and zero points (SCALES == 2) advance the same way; unused otherwise.
+    s_rows = row0.to(tl.int64) * KG
+    s_step = row_step.to(tl.int64) * KG
+    s_tile = (offs_n * KG)[:, None] + g_start + (slot // (W // VEC))[None, :]
     # The first tile's words and scales are requested with x, not after x is converted (which waits for x's load):
     # the two waits overlap, and the words come from HBM, the longer one.
-    next_words = ()
-    next_scale = ()
-    next_zero = ()
-    for c in tl.static_range(KCHUNKS):
-        in_k = g_start + c * CHUNK_GROUPS + kw // W < g_end
-        next_words = next_words + (_gemv_load(w_rows + w_tile + c * BLOCK_KW, ok, in_k, EVEN_K),)
-        if SCALES == 2:
-            s_in_k = g_start + c * CHUNK_GROUPS + slot // (W // VEC) < g_end
-            next_scale = next_scale + (_gemv_load_t(s_ptr + s_rows + s_tile + c * CHUNK_GROUPS, ok, s_in_k,
-                                                    EVEN_K),)
-            if HAS_ZEROS:
-                next_zero = next_zero + (_gemv_load_t(z_ptr + s_rows + s_tile + c * CHUNK_GROUPS, ok, s_in_k,
-                                                      EVEN_K),)
+    next_words, next_scale, next_zero = _gemv_tile_loads(
+        w_rows, w_tile, s_ptr, z_ptr, s_rows, s_tile, row0 + offs_n < N, g_start, g_end, kw, slot, W, VEC,
+        BLOCK_KW, KCHUNKS, SCALES, HAS_ZEROS, EVEN_K)
     if SCALES == 0:
         tensor_scale = tl.load(s_ptr).to(tl.float32) * _PRODUCT_SCALE
     if HAS_BIAS:
@@ -224,22 +237,10 @@ def _quant_gemv_kernel(
         if HAS_BIAS:
             bias = tl.load(b_ptr + rows, mask=(rows < N) & first_split, other=0.0)
         w_rows += w_step
-        ok = rows + row_step < N
-        next_words = ()
-        for c in tl.static_range(KCHUNKS):
-            in_k = g_start + c * CHUNK_GROUPS + kw // W < g_end
-            next_words = next_words + (_gemv_load(w_rows + w_tile + c * BLOCK_KW, ok, in_k, EVEN_K),)
-        if SCALES == 2:
-            s_rows += s_step
-            next_scale = ()
-            next_zero = ()
-            for c in tl.static_range(KCHUNKS):
-                s_in_k = g_start + c * CHUNK_GROUPS + slot // (W // VEC) < g_end
-                next_scale = next_scale + (_gemv_load_t(s_ptr + s_rows + s_tile + c * CHUNK_GROUPS, ok, s_in_k,
-                                                        EVEN_K),)
-                if HAS_ZEROS:
-                    next_zero = next_zero + (_gemv_load_t(z_ptr + s_rows + s_tile + c * CHUNK_GROUPS, ok, s_in_k,
-                                                          EVEN_K),)
+        s_rows += s_step
+        next_words, next_scale, next_zero = _gemv_tile_loads(
+            w_rows, w_tile, s_ptr, z_ptr, s_rows, s_tile, rows + row_step < N, g_start, g_end, kw, slot, W,
+            VEC, BLOCK_KW, KCHUNKS, SCALES, HAS_ZEROS, EVEN_K)
         # sum_i field_i * x_i per word (times 2**-49, see _X_EXP), one FMA chain per word.
         if SCALES == 2:
             # Group scales: each chunk's chains are summed per slot (VEC words of one group), less the zero
