@@ -36,6 +36,16 @@ FP8_MAX = 448.0
 FP8_SCALE_DTYPE = torch.float16
 
 
+def check_scale_words(k_scale: torch.Tensor, v_scale: torch.Tensor) -> None:
+    """FP8 scales that a kernel reads as int32 words (two float16 scales each) with int32 indices: each tensor must
+    start 4-byte aligned and hold an even number of scales, fewer than 2^31."""
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if s.data_ptr() % 4 or s.numel() % 2 or s.numel() >= 2 ** 31:
+            raise ValueError(f"{name} is read as 32-bit words with 32-bit indices here: it must start 4-byte aligned "
+                             f"and hold an even number of scales below 2^31, got address {s.data_ptr()} and "
+                             f"{s.numel()} scales")
+
+
 def check_kv_caches(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
                     v_scale: torch.Tensor | None, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
     """Check a pair of paged caches [num_pages, page_size, Hk, head_dim] (contiguous, `dtype` or FP8 e4m3) and

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, check_kv_caches, check_tensor
+from ._checks import FLOAT_DTYPES, check_kv_caches, check_scale_words, check_tensor
 from ._dispatch import sm_count, use_triton
 from ._paged import attend_tile, cache_rows, gather_kv
 from .patterns import (
@@ -429,10 +429,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"k_cache has {k_cache.numel() // dh} rows of {dh} values: the one-head kernel numbers rows "
                          f"in 32 bits, so at most 2^31 - 1")
     if has_scale and not use_dot:
-        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-            if s.data_ptr() % 4 or s.numel() % 2:
-                raise ValueError(f"{name} is read as 32-bit words here: it must start 4-byte aligned and hold an "
-                                 f"even number of scales, got address {s.data_ptr()} and {s.numel()} scales")
+        check_scale_words(k_scale, v_scale)
     splits = _num_splits(b, hq // heads, max_visited, block_n, use_dot, q.device)
     split_len = triton.cdiv(triton.cdiv(max_visited, splits), block_n) * block_n
     splits = triton.cdiv(max_visited, split_len)

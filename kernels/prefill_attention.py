@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, check_kv_caches, check_tensor
+from ._checks import FLOAT_DTYPES, check_kv_caches, check_scale_words, check_tensor
 from ._dispatch import use_triton
 from ._paged import gather_kv
 from .patterns import (
@@ -276,11 +276,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if hq % hk:
         raise ValueError(f"q heads ({hq}) must be a multiple of cache kv heads ({hk})")
     if has_scale:
-        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-            if s.numel() >= 2 ** 31 or s.numel() % 2 or s.data_ptr() % 4:
-                raise ValueError(f"{name} is indexed in 32 bits and read as 32-bit words here: it must hold an even "
-                                 f"number of scales below 2^31 and start 4-byte aligned, got {s.numel()} scales at "
-                                 f"address {s.data_ptr()}")
+        check_scale_words(k_scale, v_scale)
     pattern_id, p0, p1, p2 = kernel_params(pattern)
     out = torch.empty((tq, hq, dh), dtype=q.dtype, device=q.device)
     if tq == 0 or b == 0 or max_q_len <= 0:
