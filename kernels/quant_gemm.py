@@ -630,13 +630,21 @@ def _arrival_counts(device: torch.device, tiles: int) -> torch.Tensor:
 _resident_programs: dict[tuple, int] = {}
 
 
+@functools.cache
+def _gemv_variant_args() -> tuple[str, ...]:
+    """The kernel's meta-parameters that pick its compiled variant (EVEN_K is derived from the others). Read once,
+    on the GPU path: the interpreter's kernel object does not list its parameters."""
+    return tuple(p.name for p in _quant_gemv_kernel.fn.params if p.is_constexpr and p.name != "EVEN_K")
+
+
 def _gemv_resident(args: tuple, cfg: dict) -> int:
     """How many programs of the _quant_gemv_kernel that `cfg` (its bound arguments) selects fit on one SM at once,
     from the compiled kernel's registers and shared memory: the persistent grid's programs per SM."""
-    constexprs = {p.name: cfg[p.name] for p in _quant_gemv_kernel.fn.params if p.is_constexpr and p.name != "EVEN_K"}
     dtypes = tuple(None if a is None else a.dtype for a in args[:6])
-    key = (args[0].device, dtypes, tuple(sorted(constexprs.items())))
+    names = _gemv_variant_args()
+    key = (args[0].device, dtypes, tuple(cfg[name] for name in names))
     if key not in _resident_programs:
+        constexprs = {name: cfg[name] for name in names}
         warps = cfg["BLOCK_KW"] // (32 * cfg["VEC"])
         kernel = _quant_gemv_kernel.warmup(*args, grid=(1,), num_warps=warps, num_stages=1, **constexprs)
         # Compiled (cached) but not launched: loading it fills in n_regs. Both are Triton internals (3.6 to 3.9);
