@@ -70,15 +70,19 @@ def wait(request, max_sleep: float = 0.002, spin: float = 0.0) -> None:
 
 
 class Mailbox:
-    """Point-to-point msgpack messages on one communicator: non-blocking sends, polled receives.
+    """Point-to-point msgpack messages on one communicator: non-blocking sends, non-blocking receives.
 
-    Sends are `Isend`s whose buffers are kept until they complete, so two ranks sending to each other at once
-    never deadlock whatever the message size.
+    Neither side ever blocks on the other: sends are `Isend`s whose buffers are kept until they complete, and a
+    message is received by a matched probe and an `Irecv` that `poll` completes later. Over some transports a
+    message larger than MPI's eager limit moves only while its sender is inside MPI (Open MPI 4.1 between two ranks
+    of one node: a blocking receive there waited out the sender's engine step, 10-70 ms on a 7B model), while MPICH
+    moves it without the sender. Messages from one source with one tag come out in the order they were sent.
     """
 
     def __init__(self, comm):
         self.comm = comm
         self._pending: list = []
+        self._incoming: list = []  # [request, buffer, source, tag] in arrival order
 
     def send(self, obj, dest: int, tag: int) -> None:
         data = bytearray(pack(obj))
@@ -86,14 +90,20 @@ class Mailbox:
         self._pending = [(r, d) for r, d in self._pending if not r.Test()]
 
     def poll(self, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG):
-        """(source, tag, obj) of one waiting message, or None."""
+        """(source, tag, obj) of one received message matching source and tag, or None."""
         status = MPI.Status()
-        if not self.comm.Iprobe(source=source, tag=tag, status=status):
-            return None
-        buf = bytearray(status.Get_count(MPI.BYTE))
-        src, tg = status.Get_source(), status.Get_tag()
-        self.comm.Recv([buf, MPI.BYTE], source=src, tag=tg)
-        return src, tg, unpack(buf)
+        while (message := self.comm.Improbe(status=status)) is not None:
+            buf = bytearray(status.Get_count(MPI.BYTE))
+            self._incoming.append([message.Irecv([buf, MPI.BYTE]), buf, status.Get_source(), status.Get_tag()])
+        waiting = set()  # (source, tag) with an earlier message still arriving: later ones wait behind it
+        for i, (request, buf, src, tg) in enumerate(self._incoming):
+            if source not in (MPI.ANY_SOURCE, src) or tag not in (MPI.ANY_TAG, tg) or (src, tg) in waiting:
+                continue
+            if request.Test():
+                del self._incoming[i]
+                return src, tg, unpack(buf)
+            waiting.add((src, tg))
+        return None
 
     def receive(self, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG, max_sleep: float = 0.002):
         """Wait (sleeping between probes) for one message; (source, tag, obj)."""
