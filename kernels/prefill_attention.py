@@ -192,23 +192,37 @@ def _prefill_attention_kernel(
         # some queries only (a: the last query's window start), [a, q_first] to every query, the rest causally.
         lo = tl.minimum(window_start(q_first, P0, PATTERN), end)
         a = tl.minimum(tl.maximum(window_start(end - 1, P0, PATTERN), lo), q_first)
-        if PATTERN != DENSE_ID:
-            # Left of the window, the keys every query sees (sink keys, then strided summary columns), gathered.
-            # They get a loop of their own, so that the window's keys are mapped as contiguous ones, not through
-            # the pattern's where-chains in every tile. bf16 strided:128,256: 4K 144 us, 32K 1.24 ms, against
-            # 152 us, 1.30 ms with one loop over both. Over FP8 pages it goes the other way (225 us, 1.86 ms
-            # against 176 us, 1.72 ms): their 128-key tiles make the separate loop's padded last tile costly.
+        if PATTERN != DENSE_ID and HAS_SCALE:
+            # Over FP8 pages one loop covers the keys left of the window (sink keys, then strided summary columns,
+            # gathered) and the window: its 128-key tiles would make a separate loop's padded last tile costly.
+            # H200: strided:128,256 4K 176 us, 32K 1.71 ms, against 225 us, 1.86 ms with a loop each;
+            # local:256,sink=4 142 us, 1.06 ms against 191 us, 1.47 ms.
             n_sink, n_summary = keys_before(lo, P1, P2, PATTERN)
             n_before = n_sink + n_summary
-            acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, n_before, n_before, 0, 0, lo, n_sink, n_summary,
+            acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, n_before + end - lo, n_before,
+                                         n_before + a - lo, n_before + q_first - lo + 1, lo, n_sink, n_summary,
                                          ids_ptr, end, head, kv_head, num_kv_heads, P0, P1, P2,
                                          k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr, qk_scale,
                                          dims, HEAD_DIM, PAGE_SIZE, BLOCK_N, PATTERN, PATTERN, HAS_SCALE,
                                          DOT_PRECISION)
-        acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, end - lo, 0, a - lo, q_first - lo + 1, lo, 0, 0,
-                                     ids_ptr, end, head, kv_head, num_kv_heads, P0, P1, P2,
-                                     k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr, qk_scale, dims,
-                                     HEAD_DIM, PAGE_SIZE, BLOCK_N, PATTERN, DENSE_ID, HAS_SCALE, DOT_PRECISION)
+        else:
+            if PATTERN != DENSE_ID:
+                # Left of the window, the keys every query sees, gathered, in a loop of their own, so that the
+                # window's keys are mapped as contiguous ones, not through the pattern's where-chains in every
+                # tile. bf16 strided:128,256: 4K 144 us, 32K 1.24 ms, against 152 us, 1.30 ms with one loop;
+                # local:256,sink=4 124 us, 933 us against 125, 948 (without sinks one loop was 3% faster).
+                n_sink, n_summary = keys_before(lo, P1, P2, PATTERN)
+                n_before = n_sink + n_summary
+                acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, n_before, n_before, 0, 0, lo, n_sink,
+                                             n_summary, ids_ptr, end, head, kv_head, num_kv_heads, P0, P1, P2,
+                                             k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr,
+                                             qk_scale, dims, HEAD_DIM, PAGE_SIZE, BLOCK_N, PATTERN, PATTERN,
+                                             HAS_SCALE, DOT_PRECISION)
+            acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, end - lo, 0, a - lo, q_first - lo + 1, lo, 0, 0,
+                                         ids_ptr, end, head, kv_head, num_kv_heads, P0, P1, P2,
+                                         k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr, qk_scale,
+                                         dims, HEAD_DIM, PAGE_SIZE, BLOCK_N, PATTERN, DENSE_ID, HAS_SCALE,
+                                         DOT_PRECISION)
 
     # Every valid row sees its own key, so l_i > 0 there; rows past q_len are not stored.
     out = acc / tl.where(row_valid, l_i, 1.0)[:, None]
