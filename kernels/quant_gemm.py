@@ -524,6 +524,10 @@ _GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "VEC": v}, num_warps=w, num_stages
 # asynchronous copy). What bounds it (ncu, same day): issue latency, not memory. Each warp issues every 3.4 cycles
 # (dependent dequantize -> MMA chains) and only 1 to 3 warps per scheduler are resident (95 to 110 registers), so
 # wqkv reads 1.5 TB/s at 25% occupancy; more warps per SM or fewer instructions per value is the next step.
+# Tried and dropped (H100, 2026-11-27, Llama-7B shapes at M = 16, int4 g128 sym against cuBLAS): the weights as
+# wgmma's register operand (x^T from shared memory, 96 registers) 2.00x against this kernel's 2.02x, ncu showing
+# the same 2.6 warps per scheduler and 6.4 cycles per issued instruction; a persistent version keeping x's slice in
+# shared memory and streaming row tiles 1.48x (Triton waits on every wgmma it issues outside a loop).
 _GEMM_SKINNY_CONFIGS = [_config(n, s, 4, st) for n in (128, 64) for st in (3, 4) for s in (1, 2, 4, 8)]
 # M > 16 (prefill tiles, BLOCK_M 32..128): (BLOCK_N, warps, stages) that compile for sm_90 without spilling (mma.sync
 # below 64 rows, wgmma with the fields staged in shared memory from 64; 128 x 128 spills 32 bytes). Not timed
