@@ -206,6 +206,12 @@ def kernel_params(pattern: Pattern) -> tuple[int, int, int, int]:
     raise ValueError(f"pattern must be Dense, Local, Strided or BlockSparse, got {pattern!r}")
 
 
+def gathers_keys(pattern: Pattern) -> bool:
+    """Whether a query can see keys left of its window (`keys_before`: sink keys, strided summary columns), which
+    the kernels gather: strided always, local with sink keys."""
+    return isinstance(pattern, Strided) or (isinstance(pattern, Local) and pattern.sink > 0)
+
+
 def lookup_blocks(max_pages: int) -> int:
     """Query blocks a lookup is built for: a power of two >= max_pages, so that growing block tables reuse a few
     cached lookups (a row depends only on its own block index, so a longer lookup serves shorter sequences)."""

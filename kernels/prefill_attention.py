@@ -24,9 +24,8 @@ from .patterns import (
     DENSE_ID,
     SPARSE_BLOCK,
     BlockSparse,
-    Local,
     Pattern,
-    Strided,
+    gathers_keys,
     head_masks,
     keys_before,
     kernel_params,
@@ -146,7 +145,7 @@ def _prefill_attention_kernel(
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per inner step
     HAS_SCALE: tl.constexpr,  # FP8 cache with scales
-    GATHERED: tl.constexpr,  # the pattern keeps keys left of the window (sink keys, strided summary columns)
+    GATHERED: tl.constexpr,  # the pattern keeps keys left of the window (patterns.gathers_keys)
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs, else ignored
 ):
     # Query blocks run last-first: the late blocks of a causal sequence have the most keys, so they start early.
@@ -195,14 +194,14 @@ def _prefill_attention_kernel(
         # some queries only (a: the last query's window start), [a, q_first] to every query, the rest causally.
         lo = tl.minimum(window_start(q_first, P0, PATTERN), end)
         a = tl.minimum(tl.maximum(window_start(end - 1, P0, PATTERN), lo), q_first)
+        n_sink, n_summary = keys_before(lo, P1, P2, PATTERN)
+        n_before = n_sink + n_summary
         if PATTERN != DENSE_ID and HAS_SCALE:
             # Over FP8 pages one loop covers the keys left of the window (sink keys, then strided summary columns,
             # gathered) and the window: their 128-key tiles would make a separate loop's padded last tile costly.
             # H200: strided:128,256 4K 176 us, 32K 1.71 ms, against 225 us, 1.86 ms with a loop each;
             # local:256,sink=4 142 us, 1.06 ms against 191 us, 1.47 ms; local:256 1-2% faster than through the
             # window loop alone.
-            n_sink, n_summary = keys_before(lo, P1, P2, PATTERN)
-            n_before = n_sink + n_summary
             acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, n_before + end - lo, n_before,
                                          n_before + a - lo, n_before + q_first - lo + 1, lo, n_sink, n_summary,
                                          ids_ptr, end, head, kv_head, num_kv_heads, P0, P1, P2,
@@ -216,8 +215,6 @@ def _prefill_attention_kernel(
                 # tile. bf16 strided:128,256: 4K 144 us, 32K 1.24 ms, against 152 us, 1.30 ms with one loop;
                 # local:256,sink=4 124 us, 933 us against 125, 948. Without such keys the loop is not compiled
                 # at all: an empty one cost bf16 local:256 7% (4K 107 us against 100, 32K 800 against 749).
-                n_sink, n_summary = keys_before(lo, P1, P2, PATTERN)
-                n_before = n_sink + n_summary
                 acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, n_before, n_before, 0, 0, lo, n_sink,
                                              n_summary, ids_ptr, end, head, kv_head, num_kv_heads, P0, P1, P2,
                                              k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr,
@@ -315,7 +312,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         ids.shape[-1] if isinstance(pattern, BlockSparse) else 0,
         q.stride(0), q.stride(1), block_tables.stride(0),
         PATTERN=pattern_id, GROUP=hq // hk, HEAD_DIM=dh, PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_SCALE=has_scale, GATHERED=isinstance(pattern, Strided) or (isinstance(pattern, Local) and pattern.sink > 0),
+        HAS_SCALE=has_scale, GATHERED=gathers_keys(pattern),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
     )
     return out
