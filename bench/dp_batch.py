@@ -7,11 +7,15 @@ on a Llama-7B-shaped model with random bf16 weights (one whole replica per GPU).
 The workload: --requests prompts of random token ids (lengths uniform in [--min-prompt, --max-prompt]) asking for
 uniform [--min-tokens, --max-tokens] new tokens each (greedy, ignore_eos), fixed seed, so both phases do the same
 work. Phase 1: rank 0 alone routes every request to its own engine (`ringlet.mpi.router.route`, one replica;
-longest max_tokens first, as `batch` does). Phase 2: rank 0 routes to both replicas (least-loaded first, results
-back over MPI), rank 1 follows. Before either phase each rank runs a warm-up pass whose batch shrinks from
---max-num-seqs to 1 and whose prompts span the workload's lengths, so CUDA graphs are captured and kernels compiled
-before the clock starts. Reported: generated tokens per second of each phase and their ratio (DESIGN.md target:
->= 1.95x), and per replica its requests, engine steps, tokens per step and milliseconds per step.
+longest max_tokens first, as `batch` does), then rank 1 alone does the same on its GPU. Phase 2: rank 0 routes to
+both replicas (least-loaded first, results back over MPI), rank 1 follows. Before any phase each rank
+runs a warm-up pass whose batch shrinks from --max-num-seqs to 1 and whose prompts span the workload's lengths, so
+CUDA graphs are captured and kernels compiled before the clock starts. Reported: generated tokens per second of
+each phase; `ratio`, DP-2 against the mean of the two ranks alone (DESIGN.md target: >= 1.95x), and `ratio_vs_rank0`
+against rank 0 alone: the two GPUs need not run equally fast (alone, 10.80 and 10.96 ms an engine step in
+bench/results/dp_batch-2xH200-2026-11-27-512-per-rank-baseline.json), and a one-GPU baseline counts their
+difference as DP's gain or loss; and per replica its requests, engine steps, tokens per step and milliseconds per
+step.
 """
 from __future__ import annotations
 
@@ -154,16 +158,22 @@ def main() -> int:
     mailbox = Mailbox(world.Dup())
     result = {}
 
-    # Phase 1: rank 0's replica alone; rank 1 waits.
-    if info.rank == 0:
-        run_phase(server, warm_up_items(args), args.max_num_seqs, None, None)
+    # Phase 1: each rank's replica alone, rank 0 first; the other rank waits.
+    run_phase(server, warm_up_items(args), args.max_num_seqs, None, None)
+    for rank in (0, 1):
+        world.Barrier()
         server.reset()
-        seconds, tokens = run_phase(server, items, args.max_num_seqs, None, None)
-        result["one_rank"] = {"seconds": round(seconds, 3), "generated_tokens": tokens,
-                              "tok_s": round(tokens / seconds, 1), "replica": replica_stats(server.counts(), seconds)}
+        if info.rank == rank:
+            seconds, tokens = run_phase(server, items, args.max_num_seqs, None, None)
+            alone = np.array([seconds, tokens, *server.counts()])
+    # Each rank's phase to rank 0 as numbers (Gather), not pickled objects: seconds, tokens, then its counts.
+    rows = np.zeros((2, len(alone))) if info.rank == 0 else None
+    world.Gather(alone, rows, root=0)
+    if info.rank == 0:
+        result["one_rank"] = [{"rank": rank, "seconds": round(row[0], 3), "generated_tokens": int(row[1]),
+                               "tok_s": round(row[1] / row[0], 1), "replica": replica_stats(row[2:], row[0])}
+                              for rank, row in enumerate(rows)]
         print(json.dumps({"one_rank": result["one_rank"]}), flush=True)
-    else:
-        run_phase(server, warm_up_items(args), args.max_num_seqs, None, None)
     world.Barrier()
     server.reset()
 
@@ -171,7 +181,9 @@ def main() -> int:
     if info.rank == 0:
         seconds, tokens = run_phase(server, items, args.max_num_seqs, mailbox, [0, 1])
         result["dp2"] = {"seconds": round(seconds, 3), "generated_tokens": tokens, "tok_s": round(tokens / seconds, 1)}
-        result["ratio"] = round(result["dp2"]["tok_s"] / result["one_rank"]["tok_s"], 3)
+        one = [r["tok_s"] for r in result["one_rank"]]
+        result["ratio"] = round(2 * result["dp2"]["tok_s"] / sum(one), 3)
+        result["ratio_vs_rank0"] = round(result["dp2"]["tok_s"] / one[0], 3)
     else:
         seconds = 0.0
         follow(server, mailbox)
@@ -180,7 +192,8 @@ def main() -> int:
     world.Gather(server.counts(), every, root=0)
     if info.rank == 0:
         result["dp2"]["replicas"] = [replica_stats(c, seconds) for c in every]
-        print(json.dumps({"dp2": result["dp2"], "ratio": result["ratio"]}), flush=True)
+        print(json.dumps({"dp2": result["dp2"], "ratio": result["ratio"], "ratio_vs_rank0": result["ratio_vs_rank0"]}),
+              flush=True)
     world.Barrier()
     if info.rank == 0:
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-smoke"
