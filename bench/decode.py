@@ -3,7 +3,8 @@
 Llama-7B shape (32 layers, dim 4096, FFN 11008, 32 heads), random bf16 weights, prompts of --context tokens, batch
 1 and 16. The baseline is gpt-fast style: static KV cache, SDPA, fused QKV and gate/up, greedy sampling on the GPU
 with no host sync per token; ringlet runs its whole engine step (scheduler, CUDA-graph decode, sampler, detokenizer
-skipped: token-id prompts). Also checks ringlet's first-decode-step logits, and the bf16 peer's, against a
+skipped: token-id prompts), with async scheduling (its default on GPUs: each decode step queued before the
+previous step's tokens are read) and, as ringlet_waiting_*, without. Also checks ringlet's first-decode-step logits, and the bf16 peer's, against a
 float32 peer on the same weights.
 
     python bench/decode.py [--out bench/results/decode-<gpu>-<date>.json] [--shape llama-7b]
@@ -137,6 +138,7 @@ def check_logits(engine: Engine, batch: int, context: int) -> dict:
     and the same cached context (the peers' caches are filled from ringlet's pages after ringlet's prefill).
     Returns the relative L2 errors; ringlet's should be no larger than the bf16 peer's."""
     cfg = engine.model_config
+    engine.async_scheduling = False  # no decode step may run between the prefill and the one checked here
     prompt = torch.randint(0, cfg.vocab_size, (context,), generator=torch.Generator().manual_seed(7)).tolist()
     rid = engine.add_request(prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
     seq = engine.scheduler.waiting[0]
@@ -192,12 +194,16 @@ def main() -> None:
         def step_fn(tokens, pos):
             return torch.argmax(compiled(tokens, pos), dim=-1, keepdim=True)
 
+        engine.async_scheduling = False
+        waiting, waiting_step = bench_ringlet(engine, batch, args.context, args.steps)
+        engine.async_scheduling = True  # the default on GPUs: each decode step queued before the last is read
         ours, ours_step = bench_ringlet(engine, batch, args.context, args.steps)
         theirs, theirs_step = bench_compiled(peer, step_fn, batch, args.context, args.steps)
         kv_bytes = 2 * cfg.n_layers * cfg.kv_size * 2 * args.context * batch
         run = {"batch": batch, "ringlet_tok_s": round(ours, 1), "torch_compile_tok_s": round(theirs, 1),
                "ratio": round(ours / theirs, 3), "ringlet_step_ms": round(ours_step * 1e3, 3),
-               "torch_compile_step_ms": round(theirs_step * 1e3, 3),
+               "torch_compile_step_ms": round(theirs_step * 1e3, 3), "ringlet_waiting_tok_s": round(waiting, 1),
+               "ringlet_waiting_step_ms": round(waiting_step * 1e3, 3),
                "ringlet_GBps": round((results["weight_bytes"] + kv_bytes) / ours_step / 1e9, 1),
                "torch_compile_GBps": round((results["weight_bytes"] + kv_bytes) / theirs_step / 1e9, 1)}
         results["runs"].append(run)

@@ -9,7 +9,9 @@ Phase 1: rank 0 alone runs the whole model on its GPU (rank 1 waits). Phase 2: b
 (`ringlet.mpi.parallel.Replica`, the same code `batch --tp 2` runs): rank 0 schedules, samples and broadcasts each
 step's plan, rank 1 replays it; the two all-reduces per layer go through --comm (nccl: captured in the decode CUDA
 graphs). Reported: tokens/s and step time for each, and their ratio (targets in DESIGN.md: >= 1.65x at batch 1,
->= 1.8x at batch 16). Token-id prompts of --context tokens; greedy; ignore_eos. --no-one-shot sends every
+>= 1.8x at batch 16), each measured with async scheduling (the engine's default on GPUs: each decode step queued
+before the previous one's tokens are read) and, beside it under "waiting", without. Token-id prompts of --context
+tokens; greedy; ignore_eos. --no-one-shot sends every
 all-reduce through NCCL (no symmetric-memory one-shot, see ringlet/mpi/nccl.py); --no-spin makes the worker sleep
 while it waits for the next plan (see ringlet/mpi/parallel.py): for measuring what each saves.
 """
@@ -49,6 +51,15 @@ def engine_config(args, device, batches) -> EngineConfig:
                         max_model_len=max_len + 16)
 
 
+def timed_modes(engine: Engine, batch: int, args) -> list[tuple[float, float]]:
+    """bench_ringlet's (tokens/s, seconds per step) without async scheduling, then with it."""
+    results = []
+    for on in (False, True):
+        engine.async_scheduling = on
+        results.append(bench_decode.bench_ringlet(engine, batch, args.context, args.steps))
+    return results
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true")
@@ -85,8 +96,8 @@ def main() -> int:
         engine = Engine(Checkpoint(cfg, weights, None, "random"), engine_config(args, device, batches))
         del weights
         for b in batches:
-            runs[b] = {"batch": b, "one_gpu": bench_decode.bench_ringlet(engine, b, args.context, args.steps)}
-            print(json.dumps({"batch": b, "one_gpu_tok_s": round(runs[b]["one_gpu"][0], 1)}), flush=True)
+            runs[b] = {"batch": b, "one_gpu": timed_modes(engine, b, args)}
+            print(json.dumps({"batch": b, "one_gpu_tok_s": [round(r[0], 1) for r in runs[b]["one_gpu"]]}), flush=True)
         del engine
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -103,10 +114,14 @@ def main() -> int:
         torch.cuda.empty_cache()
     if info.rank == 0:
         for b in batches:
-            tok_s, step = bench_decode.bench_ringlet(replica.engine, b, args.context, args.steps)
-            one, one_step = runs[b].pop("one_gpu")
-            runs[b].update(one_gpu_tok_s=round(one, 1), tp2_tok_s=round(tok_s, 1), ratio=round(tok_s / one, 3),
-                           one_gpu_step_ms=round(one_step * 1e3, 3), tp2_step_ms=round(step * 1e3, 3))
+            tp2 = timed_modes(replica.engine, b, args)
+            for name, (one, one_step), (tok_s, step) in zip(("waiting", "async"), runs[b].pop("one_gpu"), tp2):
+                row = {"one_gpu_tok_s": round(one, 1), "tp2_tok_s": round(tok_s, 1), "ratio": round(tok_s / one, 3),
+                       "one_gpu_step_ms": round(one_step * 1e3, 3), "tp2_step_ms": round(step * 1e3, 3)}
+                if name == "async":
+                    runs[b].update(row)
+                else:
+                    runs[b]["waiting"] = row
             print(json.dumps(runs[b]), flush=True)
         replica.stop_workers()
     else:

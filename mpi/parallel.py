@@ -93,9 +93,10 @@ class Replica:
     def serve_plans(self) -> int:
         """Worker loop: replay the leader's plans until it says stop; returns the number of forwards run.
 
-        On a GPU the worker waits for its own forward to finish (its inputs' host buffers are then free to refill;
-        the leader learns this from reading its logits) and then polls for the next plan without sleeping for up
-        to PLAN_SPIN_S: the leader sends it a few hundred microseconds later, and a sleep would delay every step.
+        On a GPU the worker queues each forward without waiting for it (the decode graphs' input buffers take
+        turns, see cuda_graphs.py), so it has the next one queued as soon as the leader's plan arrives, and polls
+        for that plan without sleeping for up to PLAN_SPIN_S: with async scheduling it comes while the forward
+        before it runs, otherwise a few hundred microseconds after it, and a sleep would delay every step.
         """
         cuda = self.engine.device.type == "cuda"
         count = 0
@@ -104,8 +105,6 @@ class Replica:
             if plan["op"] == "stop":
                 return count
             self.engine.runner.run(plan)
-            if cuda:
-                torch.cuda.synchronize(self.engine.device)
             count += 1
 
     def stop_workers(self) -> None:

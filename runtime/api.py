@@ -17,7 +17,7 @@ class LLM:
     "block:16,local=4,stride=8", with per-layer overrides such as "local:256;0=dense;-1=dense"), `kv_dtype`
     ("auto", "bf16", "fp16", "fp32", "fp8"), `rope_scaling` ("linear:4", "ntk:4", "yarn:4", "none"), and the
     sizing ones (device, dtype, max_model_len, kv_cache_tokens, max_num_seqs, max_num_batched_tokens, cuda_graphs,
-    seed). A bad value raises ConfigError naming it.
+    async_scheduling, seed). A bad value raises ConfigError naming it.
     """
 
     def __init__(self, model: str = "default", **engine_options):

@@ -276,7 +276,7 @@ def _run_single(args) -> int:
     engine = Engine(load_checkpoint(args.model), engine_config(args, args.device))
     driver = Driver(args, engine.tokenizer)
     route(ReplicaServer(engine), driver.items, driver.finish, capacity=args.max_num_seqs)
-    print(json.dumps(driver.close()))
+    print(json.dumps({**driver.close(), "steps_ahead": engine.steps_ahead}))
     return 0
 
 
@@ -300,7 +300,7 @@ def _run_ranks(args, info) -> int:
             replica.stop_workers()
         else:
             replica.serve_plans()
-        return driver.close() if info.rank == 0 else None
+        return {**driver.close(), "steps_ahead": replica.engine.steps_ahead} if info.rank == 0 else None
 
     done = run_on_ranks(args, info, prepare, work)
     if done is None:

@@ -26,7 +26,15 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                                    "or bitnet (gptq/awq/mixed/auto: use the quantize command)")
     p.add_argument("--max-model-len", type=int, help="longest context to serve (default: the model's)")
     p.add_argument("--kv-cache-tokens", type=int, help="KV cache size in tokens (default: from free memory)")
+    p.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
+                   help="queue each decode step before the previous step's tokens reach the host, when its batch "
+                        "is already known (default auto: on GPUs)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def async_scheduling(args) -> bool | None:
+    """EngineConfig.async_scheduling from --async-scheduling."""
+    return {"auto": None, "on": True, "off": False}[args.async_scheduling]
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -93,7 +101,7 @@ def _llm(args):
     from .api import LLM
     return LLM(args.model, attention=args.attention, kv_dtype=args.kv_dtype, rope_scaling=args.rope_scaling,
                device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, quant=args.quant,
-               kv_cache_tokens=args.kv_cache_tokens)
+               kv_cache_tokens=args.kv_cache_tokens, async_scheduling=async_scheduling(args))
 
 
 def _params(args) -> SamplingParams:

@@ -23,9 +23,13 @@ class DecodeGraphs:
         self.max_pages = max_pages
         # All inputs travel in two pinned host buffers and two copies per step: [tokens | slots] as int64 and
         # [positions | seq_lens | block_tables] as int32. The device buffers are sliced into the graph's inputs.
-        pinned = device.type == "cuda"
-        self._host64 = torch.zeros(2 * n, dtype=torch.int64, pin_memory=pinned)
-        self._host32 = torch.zeros(2 * n + n * max_pages, dtype=torch.int32, pin_memory=pinned)
+        # Steps take turns between two such pairs, and a pair is refilled only once the copies from it (two steps
+        # back) have run: the host may prepare a step while the one before it has not started (Engine.step's
+        # async scheduling, and tensor-parallel workers, which do not wait for their forwards).
+        self._host64 = [torch.zeros(2 * n, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        self._host32 = [torch.zeros(2 * n + n * max_pages, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+        self._copied = [torch.cuda.Event(), torch.cuda.Event()]
+        self._turn = 0
         self._dev64 = torch.zeros(2 * n, dtype=torch.int64, device=device)
         self._dev32 = torch.zeros(2 * n + n * max_pages, dtype=torch.int32, device=device)
         self.tokens, self.slots = self._dev64[:n], self._dev64[n:]
@@ -35,13 +39,19 @@ class DecodeGraphs:
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
 
-    def run(self, tokens: list[int], positions: list[int], slots: list[int], pages: list[list[int]],
+    def run(self, tokens: list[int] | torch.Tensor, positions: list[int], slots: list[int], pages: list[list[int]],
             seq_lens: list[int]) -> torch.Tensor:
-        """Decode len(tokens) sequences (pages: each one's page ids); returns logits [len(tokens), vocab]."""
-        n, cap = len(tokens), self.max_batch
+        """Decode len(positions) sequences (pages: each one's page ids); returns logits [len(positions), vocab].
+        tokens: their input ids, on the host or as [n] int64 on the device."""
+        n, cap = len(positions), self.max_batch
         b = next(x for x in self.buckets if x >= n)
-        h64, h32 = self._host64.numpy(), self._host32.numpy()
-        h64[:n], h64[n:b] = tokens, 0
+        turn, self._turn = self._turn, 1 - self._turn
+        self._copied[turn].synchronize()
+        host64, host32 = self._host64[turn], self._host32[turn]
+        h64, h32 = host64.numpy(), host32.numpy()
+        h64[:b] = 0
+        if isinstance(tokens, list):
+            h64[:n] = tokens
         h64[cap:cap + n], h64[cap + n:cap + b] = slots, -1
         h32[:n], h32[n:b] = positions, 0
         h32[cap:cap + n], h32[cap + n:cap + b] = seq_lens, 0
@@ -49,10 +59,11 @@ class DecodeGraphs:
         tables[:b] = 0
         for row, p in zip(tables, pages):
             row[:len(p)] = p
-        # The previous step's copies are done: its logits were read back, which synchronized the stream.
-        self._dev64.copy_(self._host64, non_blocking=True)
-        self._dev32[:2 * cap + b * self.max_pages].copy_(self._host32[:2 * cap + b * self.max_pages],
-                                                          non_blocking=True)
+        self._dev64.copy_(host64, non_blocking=True)
+        self._dev32[:2 * cap + b * self.max_pages].copy_(host32[:2 * cap + b * self.max_pages], non_blocking=True)
+        self._copied[turn].record()
+        if not isinstance(tokens, list):
+            self.tokens[:n].copy_(tokens)
         if b not in self.graphs:
             self._capture(b)
         self.graphs[b].replay()

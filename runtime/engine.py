@@ -15,7 +15,7 @@ from .kv_cache import FP8, PAGE_SIZE, KVCache
 from .model import Llama
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, StreamChunk
-from .sampler import sample
+from .sampler import TokenReadback, sample_tokens, token_logprobs
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -31,6 +31,8 @@ class EngineConfig:
     (linear:4, ntk:4, yarn:4), which also raises the usable context to factor x the trained context.
     quant: None, or a quick quantization method applied at load ("rtn-int8", "rtn-int4:group_size=64,sym=false",
     "bitnet"); calibrated methods (gptq, awq, mixed, auto) go through `python -m ringlet quantize`.
+    async_scheduling: queue a decode step before the previous step's tokens reach the host, whenever its batch
+    is already known (`Engine.step`); None: on for CUDA devices (on the CPU there is nothing to overlap).
     """
 
     device: str | None = None
@@ -45,6 +47,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None
     cuda_graphs: bool = True
+    async_scheduling: bool | None = None
     seed: int = 0
 
 
@@ -178,6 +181,12 @@ class Engine:
                                   cuda_graphs=cfg.cuda_graphs and self.device.type == "cuda")
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.seed)
+        self.async_scheduling = cfg.async_scheduling if cfg.async_scheduling is not None \
+            else self.device.type == "cuda"
+        self._readback = TokenReadback(cfg.max_num_seqs, self.device)
+        # A decode step queued ahead and not collected yet: (its sequences, their sampled tokens on the device).
+        self._ahead: tuple[list[Sequence], torch.Tensor] | None = None
+        self.steps_ahead = 0  # decode steps queued ahead so far (for monitoring and tests)
         self._sequences: dict[str, Sequence] = {}
         self._finished: dict[str, CompletionOutput] = {}
         self._arrivals = itertools.count()
@@ -261,8 +270,45 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[StreamChunk]:
-        """Run one scheduler step; returns the new output of every request that produced any."""
-        plan = self.scheduler.schedule()
+        """Run one scheduler step; returns the new output of every request that produced any.
+
+        With async scheduling, once a step's tokens are sampled on the device and their copy to the host is
+        queued, the next decode step is queued too when its batch does not depend on those tokens (`_rows_ahead`),
+        taking its input tokens straight from the device; the next call collects that step instead of scheduling
+        one. The GPU then runs the two back to back while the host reads tokens, detokenizes and checks stops. A
+        sequence that finished in between (a stop token, a stop string, an abort) gets no token from it.
+        """
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and any(not s.finished for s in ahead[0]):
+            (samplers, tokens), logits = ahead, None
+        else:
+            samplers, tokens, logits = self._launch(self.scheduler.schedule())
+            if not samplers:
+                return []
+        self._readback.start(tokens)
+        rows = self._rows_ahead(samplers)
+        if rows is not None:
+            self._queue_ahead(samplers, tokens, rows)
+        token_list = self._readback.wait()
+        logprobs = token_logprobs(logits, tokens, token_list, [s.params for s in samplers]) \
+            if logits is not None else [None] * len(samplers)
+        chunks = []
+        for seq, tok, lp in zip(samplers, token_list, logprobs):
+            if seq.finished:  # finished while this step was queued ahead of it
+                continue
+            seq.append_token(tok, lp)
+            chunk = seq.take_chunk()
+            if chunk is not None:
+                chunks.append(chunk)
+            if seq.finished:
+                self.scheduler.remove(seq)
+                del self._sequences[seq.request_id]
+                self._finished[seq.request_id] = seq.to_output()
+        return chunks
+
+    def _launch(self, plan) -> tuple[list[Sequence], torch.Tensor | None, torch.Tensor | None]:
+        """Run a scheduled step's forwards and queue its sampling: (the sequences that get a token, their tokens
+        [n] int64 on the device, their logits [n, vocab] float32); ([], None, None) when none does."""
         samplers: list[Sequence] = []
         logits = []
         if plan.decode:
@@ -277,22 +323,49 @@ class Engine:
             seq.num_computed += 1
         for seq, n in plan.prefill:
             seq.num_computed += n
-        if samplers:
-            rows = torch.cat(logits) if len(logits) > 1 else logits[0]
-            tokens, logprobs = sample(rows, [s.params for s in samplers], [s.generator for s in samplers],
-                                      self.generator)
-            for seq, tok, lp in zip(samplers, tokens, logprobs):
-                seq.append_token(tok, lp)
-        chunks = []
-        for seq in samplers:
-            chunk = seq.take_chunk()
-            if chunk is not None:
-                chunks.append(chunk)
-            if seq.finished:
-                self.scheduler.remove(seq)
-                del self._sequences[seq.request_id]
-                self._finished[seq.request_id] = seq.to_output()
-        return chunks
+        if not samplers:
+            return [], None, None
+        rows = torch.cat(logits) if len(logits) > 1 else logits[0]
+        return samplers, self._sample(samplers, rows), rows
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        return sample_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs], self.generator)
+
+    def _rows_ahead(self, samplers: list[Sequence]) -> list[int] | None:
+        """Which of samplers (whose tokens are still on the device) decode in a step queued now, before those
+        tokens are read; None when the next step must wait for them: a sequence part-way through its prompt, an
+        arrival that a slot freed by a length limit would admit, logprobs (read from the logits), no free page
+        for a sequence that needs one. Sequences that reach max_tokens or the context with this token sit out."""
+        if not self.async_scheduling or any(s.params.logprobs is not None for s in samplers):
+            return None
+        if self.model.comm is not None and self.model_config.vocab_size > 1 << 24:
+            return None  # the tokens would not cross the group exactly (ModelRunner._shared_tokens)
+        live = [s for s in samplers if not s.finished]
+        if len(live) != len(self.scheduler.running):
+            return None
+        rows = [i for i, s in enumerate(samplers) if not s.finished and not self._last_token_next(s)]
+        if not rows or (self.scheduler.waiting and len(rows) < self.scheduler.max_num_seqs):
+            return None
+        if not self.scheduler.reserve_ahead([samplers[i] for i in rows]):
+            return None
+        return rows
+
+    @staticmethod
+    def _last_token_next(seq: Sequence) -> bool:
+        """Whether the token seq is about to receive ends it by length (max_tokens, or the context)."""
+        return (seq.num_tokens + 1 - len(seq.prompt_ids) >= seq.params.max_tokens
+                or seq.num_tokens + 1 >= seq.max_model_len)
+
+    def _queue_ahead(self, samplers: list[Sequence], tokens: torch.Tensor, rows: list[int]) -> None:
+        """Queue the decode step of samplers[rows], its input tokens the device's tokens[rows], and its sampling."""
+        seqs = [samplers[i] for i in rows]
+        if len(rows) < len(samplers):
+            tokens = tokens[torch.tensor(rows).to(tokens.device, non_blocking=True)]  # no wait for the stream
+        logits = self.runner.decode(seqs, tokens)
+        for seq in seqs:
+            seq.num_computed += 1
+        self._ahead = (seqs, self._sample(seqs, logits))
+        self.steps_ahead += 1
 
     @torch.inference_mode()
     def score(self, token_ids: list[int]) -> torch.Tensor:

@@ -19,6 +19,7 @@ class ModelRunner:
         self.model, self.kv = model, kv
         # Called with each forward's plan before it runs (tensor parallel: the leader broadcasts it).
         self.on_plan: Callable[[dict], None] | None = None
+        self._device_tokens: torch.Tensor | None = None  # decode's `tokens` until `run` takes them
         self.device = model.device
         self.max_pages = kv.pages_needed(max_model_len)
         self.graphs = DecodeGraphs(self._decode_forward, max_num_seqs, self.max_pages, self.device) \
@@ -41,15 +42,18 @@ class ModelRunner:
             self.on_plan(plan)
         return self.run(plan)
 
-    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One token for each sequence (the last one it sampled). Returns float32 logits [len(seqs), vocab]."""
-        plan = self.decode_plan(seqs)
+    def decode(self, seqs: list[Sequence], tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """One token for each sequence: the last one it sampled, or tokens [len(seqs)] int64 on the device when
+        given (sampled by a step the host has not read back yet). Returns float32 logits [len(seqs), vocab]."""
+        plan = self.decode_plan(seqs, tokens_on_device=tokens is not None)
+        self._device_tokens = tokens
         if self.on_plan is not None:
             self.on_plan(plan)
         return self.run(plan)
 
     # A plan is one forward's inputs as plain lists (msgpack-ready): what a tensor-parallel leader sends its
-    # workers, which replay it with `run` on their own shard and KV cache.
+    # workers, which replay it with `run` on their own shard and KV cache. A decode plan's tokens are None when
+    # they are on the leader's device (`decode`'s tokens): `run` then shares them over the group first.
 
     def prefill_plan(self, chunks: list[tuple[Sequence, int]], all_logits: bool = False) -> dict:
         tokens, positions, slots, q_start, q_lens, seq_lens = [], [], [], [], [], []
@@ -67,8 +71,8 @@ class ModelRunner:
                 "q_start": q_start, "q_lens": q_lens,
                 "last": None if all_logits else [s + n - 1 for s, n in zip(q_start, q_lens)]}
 
-    def decode_plan(self, seqs: list[Sequence]) -> dict:
-        return {"op": "decode", "tokens": [s.token_ids[-1] for s in seqs],
+    def decode_plan(self, seqs: list[Sequence], tokens_on_device: bool = False) -> dict:
+        return {"op": "decode", "tokens": None if tokens_on_device else [s.token_ids[-1] for s in seqs],
                 "positions": [s.num_computed for s in seqs],
                 "slots": [self._slots(s.pages, s.num_computed, 1)[0] for s in seqs],
                 "pages": [list(s.pages) for s in seqs], "seq_lens": [s.num_computed + 1 for s in seqs]}
@@ -76,11 +80,14 @@ class ModelRunner:
     def run(self, plan: dict) -> torch.Tensor:
         """Run the forward a plan describes; float32 logits as `prefill` / `decode` return them."""
         if plan["op"] == "decode":
-            if self.graphs is not None and len(plan["tokens"]) <= self.graphs.max_batch:
-                return self.graphs.run(plan["tokens"], plan["positions"], plan["slots"], plan["pages"],
-                                       plan["seq_lens"])
+            n = len(plan["positions"])
+            tokens = plan["tokens"] if plan["tokens"] is not None else self._shared_tokens(n)
+            if self.graphs is not None and n <= self.graphs.max_batch:
+                return self.graphs.run(tokens, plan["positions"], plan["slots"], plan["pages"], plan["seq_lens"])
             rows = [p + [0] * (self.max_pages - len(p)) for p in plan["pages"]]
-            return self._decode_forward(self._tensor(plan["tokens"], torch.int64),
+            if isinstance(tokens, list):
+                tokens = self._tensor(tokens, torch.int64)
+            return self._decode_forward(tokens,
                                         self._tensor(plan["positions"], torch.int32),
                                         self._tensor(plan["slots"], torch.int64), self._tensor(rows, torch.int32),
                                         self._tensor(plan["seq_lens"], torch.int32))
@@ -91,6 +98,18 @@ class ModelRunner:
         return self.model.forward(self._tensor(plan["tokens"], torch.int64),
                                   self._tensor(plan["positions"], torch.int32),
                                   self._tensor(plan["slots"], torch.int64), meta, self.kv, last)
+
+    def _shared_tokens(self, n: int) -> torch.Tensor:
+        """A decode plan's device tokens [n] int64 on this rank: `decode`'s own on a single rank; under tensor
+        parallelism the leader's, summed with the workers' zeros over the group (in float32, exact for token ids
+        below 2^24, which Engine checks before it sends such a plan)."""
+        tokens, self._device_tokens = self._device_tokens, None
+        comm = self.model.comm
+        if comm is None:
+            return tokens
+        mine = tokens.to(torch.float32) if tokens is not None else torch.zeros(n, dtype=torch.float32,
+                                                                                 device=self.device)
+        return comm.all_reduce(mine).to(torch.int64)
 
     def _decode_forward(self, tokens, positions, slots, block_tables, seq_lens) -> torch.Tensor:
         meta = AttentionMetadata(block_tables, seq_lens, is_decode=True)

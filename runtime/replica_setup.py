@@ -20,10 +20,12 @@ def add_rank_flags(p) -> None:
 
 def engine_config(args, device: str | None):
     """EngineConfig from the model flags (cli._add_model_flags) and --max-num-seqs."""
+    from .cli import async_scheduling
     from .engine import EngineConfig
     return EngineConfig(device=device, dtype=args.dtype, attention=args.attention, kv_dtype=args.kv_dtype,
                         rope_scaling=args.rope_scaling, quant=args.quant, max_model_len=args.max_model_len,
-                        kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs)
+                        kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
+                        async_scheduling=async_scheduling(args))
 
 
 def agreed_settings(args) -> dict:

@@ -77,6 +77,17 @@ class Scheduler:
             budget -= chunk
         return step
 
+    def reserve_ahead(self, seqs: list[Sequence]) -> bool:
+        """Room in each of seqs' pages for one token past those it has computed, for a decode step queued before
+        their last tokens are known (Engine.step's async scheduling). Takes free pages only, never preempts:
+        False, with nothing allocated, when the free pages do not cover them all."""
+        need = sum(max(0, -(-(s.num_computed + 1) // self.page_size) - len(s.pages)) for s in seqs)
+        if need > self.allocator.num_free:
+            return False
+        for seq in seqs:
+            self._grow(seq, 1)
+        return True
+
     def _schedule_prefill(self, seq: Sequence, budget: int, step: ScheduledStep) -> int:
         want = min(seq.num_tokens - seq.num_computed, budget)
         while True:

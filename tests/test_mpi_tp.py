@@ -62,6 +62,18 @@ def test_random_model_tp_equals_one_rank(random_model, tmp_path, n, tp):
     assert got == expected
 
 
+@pytest.mark.parametrize("comm", ["ring", "mpi"])
+def test_random_model_tp2_with_async_scheduling_equals_one_rank(random_model, tmp_path, comm):
+    """The leader queues each decode step before it reads the last one's tokens; the plan it sends then carries
+    no tokens, and the worker takes them from an all-reduce (its zeros plus the leader's tokens)."""
+    model, src, expected = random_model
+    res = batch(2, "--model", model, "--tp", 2, "--comm", comm, "--async-scheduling", "on", "--input", src,
+                "--output", tmp_path / "o.jsonl")
+    assert res.returncode == 0, res.stderr
+    assert read_jsonl(tmp_path / "o.jsonl") == expected
+    assert json.loads(res.stdout.splitlines()[-1])["steps_ahead"] > 0
+
+
 def test_heads_that_do_not_split_fail_at_start(bundled_reference, tmp_path):
     src, _ = bundled_reference
     res = batch(2, "--tp", 2, "--input", src, "--output", tmp_path / "o.jsonl", timeout=60)
