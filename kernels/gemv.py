@@ -9,6 +9,8 @@ import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, check_tensor
 from ._dispatch import sm_count, use_triton
+from .reduce_rms_norm import DTYPES as STAGED_DTYPES
+from .reduce_rms_norm import PeerBuffers, stage_rows_ref, stage_tile
 
 # Rows of x the Triton kernel takes; past this the product is compute-bound enough for cuBLAS.
 MAX_TRITON_M = 16
@@ -29,12 +31,15 @@ def _gemv_kernel(
     out_ptr,  # [SPLIT_K, M, N] contiguous: the output itself (SPLIT_K == 1, x's dtype) or float32 partials
     M, N, K,  # problem size
     stride_xm,  # row stride of x
+    table_ptr, counters_ptr, rows_cap,  # STAGE: the peers' staging (reduce_rms_norm.PeerBuffers); else unused
     SPLIT_K: tl.constexpr,  # programs along K, each summing one contiguous range of it
     BLOCK_M: tl.constexpr,  # 1 (vector FMA path) or 16 (tl.dot path, rows >= M masked)
     BLOCK_N: tl.constexpr,  # rows of W per program
     BLOCK_K: tl.constexpr,  # columns of W per step
     EVEN_K: tl.constexpr,  # K % (BLOCK_K * SPLIT_K) == 0: no bounds checks along K
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs, else ignored
+    STAGE: tl.constexpr,  # also write the output tile into every peer's staging (linear_staged; SPLIT_K == 1)
+    RANK: tl.constexpr, WORLD: tl.constexpr,  # STAGE: this rank, ranks in the group
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -76,7 +81,11 @@ def _gemv_kernel(
             acc += tl.dot(xv, tl.trans(w), input_precision=DOT_PRECISION)
 
     out = out_ptr + (pid_k * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & (offs_n < N)[None, :])
+    vals = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out, vals, mask=m_valid[:, None] & (offs_n < N)[None, :])
+    if STAGE:
+        stage_tile(vals, offs_m, m_valid, pid_n * BLOCK_N, N, table_ptr, counters_ptr, rows_cap, RANK, WORLD,
+                   BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -149,6 +158,10 @@ def _tuning_bench(fn, quantiles=None):
 _gemv_kernel_tuned = triton.autotune(configs=_FMA_CONFIGS + _DOT_CONFIGS, key=["BLOCK_M", "N", "K", "SPLIT_K"],
                                      prune_configs_by={"early_config_prune": _configs_for_path},
                                      do_bench=_tuning_bench)(_gemv_kernel)
+# Staging launches (linear_staged) run the config the tuner picked for the same launch without staging, keyed
+# (BLOCK_M, N, K): tuning them would send every trial run's words to the peers, and a config of its own would round
+# the partial sums differently from the plain path.
+_staged_configs: dict[tuple[int, int, int], triton.Config] = {}
 
 
 def _split_k(n: int, k: int, device: torch.device) -> int:
@@ -168,31 +181,66 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """
     if not use_triton(x):
         return linear_ref(x, weight)
+    return _linear(x, weight, None)[0]
+
+
+def linear_staged(x: torch.Tensor, weight: torch.Tensor, peers: PeerBuffers) -> tuple[torch.Tensor, bool]:
+    """`linear`, for a row-parallel projection whose output rows are one rank's partial sums: where its kernel
+    writes them in one pass (M <= 16, no split-K, fp16/bf16, M <= peers.max_rows(N)), each output tile is also
+    written into every peer's staging as `reduce_add_rms_norm`'s words for its next call on these rows, which must
+    then be made with staged=True. Returns (out, staged): staged False means nothing was sent."""
+    if not use_triton(x):
+        return linear_staged_ref(x, weight, peers)
+    return _linear(x, weight, peers)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, peers: PeerBuffers | None) -> tuple[torch.Tensor, bool]:
     check_tensor("x", x, (None, None), FLOAT_DTYPES)
     m, k = x.shape
     check_tensor("weight", weight, (None, k), (x.dtype,), x.device, layout="contiguous")
     if m > MAX_TRITON_M:
-        return torch.nn.functional.linear(x, weight)
+        return torch.nn.functional.linear(x, weight), False
     n = weight.shape[0]
     if m == 0 or n == 0 or k == 0:
-        return torch.zeros((m, n), dtype=x.dtype, device=x.device)
+        return torch.zeros((m, n), dtype=x.dtype, device=x.device), False
     split_k = _split_k(n, k, x.device)
+    stage = peers is not None and split_k == 1 and x.dtype in STAGED_DTYPES and m <= peers.max_rows(n)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     partial = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
     meta = {"SPLIT_K": split_k, "BLOCK_M": 1 if m == 1 else 16,
-            "DOT_PRECISION": "ieee" if x.dtype == torch.float32 else "tf32"}
+            "DOT_PRECISION": "ieee" if x.dtype == torch.float32 else "tf32", "STAGE": stage,
+            "RANK": peers.rank if stage else 0, "WORLD": peers.world if stage else 1}
+    staging = (peers.table, peers.counters, peers.max_rows(n)) if stage else (out, out, 0)
+
     def grid(cfg: dict) -> tuple[int, int]:
         return triton.cdiv(n, cfg["BLOCK_N"]), split_k
 
-    if x.is_cuda:
-        _gemv_kernel_tuned[grid](x, weight, partial, m, n, k, x.stride(0), **meta)
+    if x.is_cuda and stage:
+        key = (meta["BLOCK_M"], n, k)
+        if key not in _staged_configs:  # tune (or look up) the plain launch; its output is overwritten below
+            _gemv_kernel_tuned[grid](x, weight, out, m, n, k, x.stride(0), out, out, 0, **{**meta, "STAGE": False})
+            _staged_configs[key] = _gemv_kernel_tuned.best_config
+        cfg = _staged_configs[key]
+        _gemv_kernel[grid(cfg.kwargs)](x, weight, out, m, n, k, x.stride(0), *staging, **meta, **cfg.kwargs,
+                                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    elif x.is_cuda:
+        _gemv_kernel_tuned[grid](x, weight, partial, m, n, k, x.stride(0), *staging, **meta)
     else:
-        _gemv_kernel[grid](x, weight, partial, m, n, k, x.stride(0), **meta, **_INTERPRETER_CONFIG)
+        _gemv_kernel[grid](x, weight, partial, m, n, k, x.stride(0), *staging, **meta, **_INTERPRETER_CONFIG)
     if split_k > 1:
         _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](partial, out, m * n, SPLIT_K=split_k, BLOCK=1024)
-    return out
+    return out, stage
 
 
 def linear_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Torch reference for `linear`, in float32."""
     return (x.float() @ weight.float().T).to(x.dtype)
+
+
+def linear_staged_ref(x: torch.Tensor, weight: torch.Tensor, peers: PeerBuffers) -> tuple[torch.Tensor, bool]:
+    """Torch reference for `linear_staged`: `linear_ref`, its rows staged for every peer (always)."""
+    out = linear_ref(x, weight)
+    if x.dtype not in STAGED_DTYPES:
+        return out, False
+    stage_rows_ref(out, peers)
+    return out, True

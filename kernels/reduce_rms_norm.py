@@ -13,6 +13,10 @@ thing the block does is `x, residual = fused_add_rms_norm(sum of partials, resid
 3. sum every rank's row in float32 in rank order (so every rank computes the same bits), round to the activation
    dtype as an all-reduce would, add the residual and normalize, as `fused_add_rms_norm` does.
 
+Step 1 may instead be done earlier, by the kernel that computes x: `gemv.linear_staged` writes the words of each
+output tile as it finishes (`stage_tile`), so they cross NVLink while the rest of the projection runs, and this
+call, made with staged=True, only waits, sums and normalizes.
+
 Counts are per row (this rank's `counters`) and only compared for equality, so staging never needs resetting and
 the count may wrap. Staging alternates between two halves by the count's parity: a rank writes half c & 1 again
 only at call c + 2, after every peer's words for call c + 1 arrived, which they sent after their call c had
@@ -87,6 +91,38 @@ def _words(dim: int) -> int:
 
 
 @triton.jit
+def stage_tile(
+    vals,  # [BLOCK_M, BLOCK_N] 16-bit floats: columns n0 .. n0 + BLOCK_N - 1 of rows `rows` (past D: ignored)
+    rows,  # [BLOCK_M] int32 row numbers
+    row_mask,  # [BLOCK_M] rows to write
+    n0,  # first column, even
+    D,  # row length
+    table_ptr,  # [WORLD] int64 addresses of every rank's staging (PeerBuffers.table)
+    counters_ptr,  # [MAX_ROWS] int32 this rank's calls per row (read, not advanced)
+    rows_cap,  # rows each (parity, source rank) slot holds (PeerBuffers.max_rows(D))
+    RANK: tl.constexpr,  # this rank
+    WORLD: tl.constexpr,  # ranks in the group
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # even
+):
+    """Write a tile of this rank's partial rows into every peer's staging, as words of the call that
+    `_reduce_add_rms_norm_kernel` makes next on those rows (step 1 of the module docstring, done early)."""
+    count = tl.load(counters_ptr + rows, mask=row_mask, other=0) + 1
+    parity = count & 1
+    bits = vals.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    lo, hi = tl.split(tl.reshape(bits, [BLOCK_M, BLOCK_N // 2, 2]))
+    words = (count.to(tl.int64) << 32)[:, None] | ((hi << 16) | lo).to(tl.int64) & 0xFFFFFFFF
+    WD = (D + 1) // 2
+    pairs = n0 // 2 + tl.arange(0, BLOCK_N // 2)
+    mask = row_mask[:, None] & (pairs < WD)[None, :]
+    for r in tl.static_range(WORLD):
+        if r != RANK:
+            peer = tl.load(table_ptr + r).to(tl.pointer_type(tl.int64))
+            slot = ((parity * WORLD + RANK) * rows_cap + rows).to(tl.int64) * WD
+            tl.store(peer + slot[:, None] + pairs[None, :], words, mask=mask)
+
+
+@triton.jit
 def _reduce_add_rms_norm_kernel(
     x_ptr,  # [T, D] this rank's partial sums, 16-bit floats
     residual_ptr,  # [T, D] residual stream
@@ -103,6 +139,7 @@ def _reduce_add_rms_norm_kernel(
     RANK: tl.constexpr,  # this rank
     WORLD: tl.constexpr,  # ranks in the group
     BLOCK_D: tl.constexpr,  # power of two >= max(D, 2)
+    STAGED: tl.constexpr,  # x's words are already in the peers' staging (gemv.linear_staged): skip step 1
 ):
     row = tl.program_id(0)
     HALF: tl.constexpr = BLOCK_D // 2
@@ -123,7 +160,7 @@ def _reduce_add_rms_norm_kernel(
     lo, hi = tl.split(tl.reshape(bits, [HALF, 2]))
     words = stamp | ((hi << 16) | lo).to(tl.int64) & 0xFFFFFFFF
     for r in tl.static_range(WORLD):
-        if r != RANK:
+        if r != RANK and not STAGED:
             peer = tl.load(table_ptr + r).to(tl.pointer_type(tl.int64))
             slot = ((parity * WORLD + RANK) * rows_cap + row).to(tl.int64) * WD
             tl.store(peer + slot + pairs, words, mask=pair_mask)
@@ -169,16 +206,17 @@ def _check(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, peers:
 
 
 def reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                        peers: PeerBuffers) -> tuple[torch.Tensor, torch.Tensor]:
+                        peers: PeerBuffers, staged: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """With s = the sum of every rank's x (float32, rank order, rounded to x's dtype): new_residual = s + residual
     and out = rms_norm(new_residual) * weight, as `fused_add_rms_norm(s, residual, weight, eps)`.
 
     x, residual [T, D] fp16/bf16 of one dtype (last dims contiguous), T <= peers.max_rows(D); weight [D] ->
     (out, new_residual), new contiguous [T, D] tensors of x's dtype. Every rank of the group calls it with the
-    same T (it waits for them); the counters of rows [0, T) advance by one.
+    same T (it waits for them); the counters of rows [0, T) advance by one. staged: x came from
+    `gemv.linear_staged` with these peers (returning True), which already sent its words.
     """
     if not use_triton(x):
-        return reduce_add_rms_norm_ref(x, residual, weight, eps, peers)
+        return reduce_add_rms_norm_ref(x, residual, weight, eps, peers, staged)
     _check(x, residual, weight, peers)
     t, d = x.shape
     out = torch.empty((t, d), dtype=x.dtype, device=x.device)
@@ -189,7 +227,8 @@ def reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     _reduce_add_rms_norm_kernel[(t,)](
         x, residual, weight, out, residual_out, peers.table, peers.counters,
         d, peers.max_rows(d), x.stride(0), residual.stride(0), eps,
-        RANK=peers.rank, WORLD=peers.world, BLOCK_D=block_d, num_warps=min(max(block_d // 512, 1), 16),
+        RANK=peers.rank, WORLD=peers.world, BLOCK_D=block_d, STAGED=staged,
+        num_warps=min(max(block_d // 512, 1), 16),
     )
     return out, residual_out
 
@@ -209,21 +248,32 @@ def unpack_words(words: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Ten
     return halves.view(words.shape[0], -1).view(dtype)[:, :dim]
 
 
-def reduce_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                            peers: PeerBuffers) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference for `reduce_add_rms_norm`: the same staging words and counters, step by step. The peers
-    must already have staged their rows for this call (a reference rank cannot wait for them): RuntimeError names
-    the first that has not."""
-    _check(x, residual, weight, peers)
+def stage_rows_ref(x: torch.Tensor, peers: PeerBuffers) -> None:
+    """Torch reference of what `stage_tile` does over all of x [T, D]: x's words for the next call on rows [0, T)
+    into every peer's staging (the counters are not advanced)."""
     t, d = x.shape
     count = peers.counters[:t] + 1
-    peers.counters[:t] = count
     parity = (count & 1).long()
     rows = torch.arange(t, device=x.device)
     words = pack_words(x, count)
     for r in range(peers.world):
         if r != peers.rank:
             peers.staging(r, d)[parity, peers.rank, rows] = words
+
+
+def reduce_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                            peers: PeerBuffers, staged: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference for `reduce_add_rms_norm`: the same staging words and counters, step by step. The peers
+    must already have staged their rows for this call (a reference rank cannot wait for them): RuntimeError names
+    the first that has not."""
+    _check(x, residual, weight, peers)
+    t, d = x.shape
+    if not staged:
+        stage_rows_ref(x, peers)
+    count = peers.counters[:t] + 1
+    peers.counters[:t] = count
+    parity = (count & 1).long()
+    rows = torch.arange(t, device=x.device)
     mine = peers.staging(peers.rank, d)
     total = torch.zeros((t, d), dtype=torch.float32, device=x.device)
     for r in range(peers.world):

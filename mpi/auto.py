@@ -87,6 +87,11 @@ class AutoCommunicator(Communicator):
         check_tensor(tensor, "all_reduce")
         return self._backend(tensor).all_reduce(tensor)
 
+    def row_parallel_linear(self, x, w):
+        if self.nccl is not None:  # the same backend as the reduce_add_rms_norm that follows
+            return self.nccl.row_parallel_linear(x, w)
+        return super().row_parallel_linear(x, w)
+
     def reduce_add_rms_norm(self, x, residual, weight, eps):
         return self._backend(x).reduce_add_rms_norm(x, residual, weight, eps)
 

@@ -2,11 +2,13 @@
 
     comm = make_communicator("ring", group)      # group: an mpi4py communicator (a tensor-parallel group)
     h = comm.all_reduce(h)                       # sums over the group, in place, returns the same tensor
+    h = comm.row_parallel_linear(x, w)          # a row-parallel projection: this rank's partial sums
     x, residual = comm.reduce_add_rms_norm(h, residual, weight, eps)   # the sum, plus the residual, normalized
 
 `all_reduce` works IN PLACE: the tensor passed in holds the sum afterwards and is also returned, so a model can
 write `h = comm.all_reduce(h)` and a CUDA graph replays it on its static buffer. The runtime core only ever calls
-`all_reduce` and `reduce_add_rms_norm` (see `ringlet.model.Llama.comm`); it never imports this package.
+`all_reduce`, `row_parallel_linear` and `reduce_add_rms_norm` (see `ringlet.model.Llama.comm`); it never imports
+this package.
 
 Host backends (ring, mpi) stage every tensor through a float32 numpy buffer on the CPU: 16-bit inputs are summed
 in float32 and rounded once at the end, and every rank ends with the same bits. On GPUs these costs are what
@@ -17,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from ringlet.errors import ConfigError
-from ringlet.kernels import fused_add_rms_norm
+from ringlet.kernels import fused_add_rms_norm, linear
 
 BACKENDS = ("ring", "mpi", "nccl", "auto")
 
@@ -38,6 +40,12 @@ class Communicator:
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` (any shape; float32, float16 or bfloat16) over the group in place; returns it."""
         raise NotImplementedError
+
+    def row_parallel_linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x [T, K] @ w [N, K].T: this rank's partial sums of a row-parallel projection, which the caller passes
+        to `reduce_add_rms_norm` next (and to nothing else first). Backends may start sending them while they
+        are computed (nccl on one node)."""
+        return linear(x, w)
 
     def reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                             eps: float) -> tuple[torch.Tensor, torch.Tensor]:

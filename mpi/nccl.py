@@ -16,6 +16,8 @@ plain kernels on the current stream, so they are captured in CUDA graphs too. La
 The all-reduces a Llama block makes are each followed by the residual add and RMSNorm; `reduce_add_rms_norm` does
 the three in one kernel on symmetric memory of its own (`ringlet.kernels.reduce_rms_norm`: push the rows to every
 peer, wait for theirs, sum, add, normalize), one launch where the unfused path makes three (copy, one-shot, norm).
+`row_parallel_linear` computes the partial sums that call reduces with `ringlet.kernels.gemv.linear_staged`, whose
+GEMV pushes each output tile to the peers as it finishes, so the reduce kernel that follows only waits and sums.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import socket
 
 import torch
 from ringlet.errors import ConfigError
+from ringlet.kernels.gemv import linear_staged
 from ringlet.kernels.reduce_rms_norm import DTYPES, MAX_ROWS, PeerBuffers, reduce_add_rms_norm
 
 from . import control
@@ -84,6 +87,7 @@ class NCCLCommunicator(Communicator):
         self._buffers: dict[torch.dtype, torch.Tensor] = {}
         self._peers: PeerBuffers | None = None  # reduce_add_rms_norm's staging, with one-shot
         self._symmetric: tuple[torch.Tensor, ...] = ()
+        self._staged: torch.Tensor | None = None  # row_parallel_linear's output, when the GEMV sent its rows
         warm = torch.ones(1, device=device)
         self.all_reduce(warm)  # NCCL connects on first use, which must happen before any graph capture
         torch.cuda.synchronize(device)
@@ -150,10 +154,20 @@ class NCCLCommunicator(Communicator):
         self._dist.all_reduce(tensor, group=self.pg)
         return tensor
 
+    def row_parallel_linear(self, x, w):
+        if self._peers is None:
+            return super().row_parallel_linear(x, w)
+        out, staged = linear_staged(x, w, self._peers)
+        self._staged = out if staged else None
+        return out
+
     def reduce_add_rms_norm(self, x, residual, weight, eps):
         peers = self._peers
+        staged, self._staged = self._staged is x, None
         if peers is not None and x.dtype in DTYPES and x.dim() == 2 and x.shape[0] <= peers.max_rows(x.shape[1]):
-            return reduce_add_rms_norm(x, residual, weight, eps, peers)
+            return reduce_add_rms_norm(x, residual, weight, eps, peers, staged)
+        if staged:
+            raise RuntimeError("internal: rows staged by row_parallel_linear reached the unfused all-reduce")
         return super().reduce_add_rms_norm(x, residual, weight, eps)
 
     def broadcast(self, tensor, root=0):

@@ -83,9 +83,9 @@ class Llama:
     four fused `LINEARS` entries ("layers.{i}.attention.wqkv", ...) as any `Linear` (a quantized checkpoint).
     `observer`, when set, is called as observer(name, x) with the input x [T, K] of every projection (calibration).
     `comm`, when set (tensor parallel: `ringlet.mpi.tp.apply_tp` shards the model and sets it), is any object with
-    `all_reduce(tensor) -> tensor` that sums over the ranks in place, and `reduce_add_rms_norm` (see
-    `ringlet.mpi.comm.Communicator`), which sums the partial outputs of the row-parallel wo and w2 and applies the
-    residual add and RMSNorm that follow them.
+    `all_reduce(tensor) -> tensor` that sums over the ranks in place, `row_parallel_linear(x, w)`, which computes
+    the partial outputs of the row-parallel wo and w2, and `reduce_add_rms_norm` (see
+    `ringlet.mpi.comm.Communicator`), which sums them and applies the residual add and RMSNorm that follow them.
     """
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device,
@@ -153,9 +153,12 @@ class Llama:
                 q, k = torch.matmul(q, self.key_rotation), torch.matmul(k, self.key_rotation)
             write_kv(k, v, kv.k[i], kv.v[i], slots, kv.k_scale[i], kv.v_scale[i])
             attn = self.attention[i](q, kv.k[i], kv.v[i], meta, kv.k_scale[i], kv.v_scale[i])
-            h = self._project(i, 1, attn.view(t, cfg.q_size), layer.wo)
+            h = self._project_partial(i, 1, attn.view(t, cfg.q_size), layer.wo)
             x, residual = self._add_norm(h, residual, layer.ffn_norm)
-            h = self._project(i, 3, silu_mul(self._project(i, 2, x, layer.w13)), layer.w2)
+            act = silu_mul(self._project(i, 2, x, layer.w13))
+            # The last layer's output goes to all_reduce below when logits_index is given, not to _add_norm.
+            last = i == len(self.layers) - 1 and logits_index is not None
+            h = self._project(i, 3, act, layer.w2) if last else self._project_partial(i, 3, act, layer.w2)
         if logits_index is not None:
             if self.comm is not None:
                 h = self.comm.all_reduce(h)
@@ -178,6 +181,15 @@ class Llama:
         if self.observer is not None:
             self.observer(f"layers.{layer}.{LINEARS[which]}", x)
         return project(x, w)
+
+    def _project_partial(self, layer: int, which: int, x: torch.Tensor, w: Linear) -> torch.Tensor:
+        """A row-parallel projection (wo, w2) whose output goes straight to `_add_norm`: under tensor parallelism
+        the communicator computes it, and may send the partial sums on as they are made."""
+        if self.comm is None or not isinstance(w, torch.Tensor):
+            return self._project(layer, which, x, w)
+        if self.observer is not None:
+            self.observer(f"layers.{layer}.{LINEARS[which]}", x)
+        return self.comm.row_parallel_linear(x, w)
 
 
 def random_weights(config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0

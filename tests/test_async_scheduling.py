@@ -7,15 +7,9 @@ import pytest
 
 from ringlet import SamplingParams
 from ringlet.engine import Engine, EngineConfig
+from test_engine import PROMPTS as ENGINE_PROMPTS
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
-    "1, 2, 3, 4,",
-    "Hello",
-    "In 1969, the first humans landed on the Moon. The mission was called",
-]
+PROMPTS = [ENGINE_PROMPTS[i] for i in (0, 1, 2, 3, 4, 6)]
 
 
 def greedy(n: int, **kw) -> SamplingParams:

@@ -100,3 +100,40 @@ def test_reduce_add_rms_norm_rejects_bad_input():
         reduce_add_rms_norm(x[:2].float(), x[:2].float(), torch.ones(64), EPS, peers)
     with pytest.raises(ValueError, match="rank 2 of a group of 2"):
         PeerBuffers(2, [torch.zeros(64, dtype=torch.uint8)] * 2, torch.zeros(MAX_ROWS, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 576, 96), (3, 101, 64), (16, 64, 200)])
+def test_linear_staged_sends_what_reduce_add_rms_norm_reads(m, n, k, assert_close):
+    """Two ranks in one process: each computes its partial rows with gemv.linear_staged, whose kernel writes them
+    into the other's staging, then reduces with staged=True, which sends nothing more. Each gets the sum of both
+    partials, the same bits as the unstaged call on a copy of its memory, for three calls (both parities)."""
+    from ringlet.kernels.gemv import linear_ref, linear_staged
+
+    dtype = torch.float16  # the interpreter's tl.dot multiplies bf16 bit patterns (DESIGN.md, Tests)
+    buffers = [torch.zeros(2 * 2 * 16 * ((n + 1) // 2) * 8, dtype=torch.uint8) for _ in range(2)]
+    ranks = [PeerBuffers(r, buffers, torch.zeros(MAX_ROWS, dtype=torch.int32)) for r in range(2)]
+    weight = torch.randn(n).to(dtype)
+    for count in (1, 2, 3):
+        xs = [torch.randn(m, k).to(dtype) for _ in range(2)]
+        ws = [(torch.randn(n, k) / k ** 0.5).to(dtype) for _ in range(2)]
+        residual = torch.randn(m, n).to(dtype)
+        parts = []
+        for r in range(2):
+            out, staged = linear_staged(xs[r], ws[r], ranks[r])
+            assert staged
+            assert_close(out, linear_ref(xs[r], ws[r]))
+            sent = ranks[r].staging(1 - r, n)[count & 1, r, :m]
+            assert bool(((sent >> 32) == count).all())
+            assert torch.equal(unpack_words(sent, n, dtype), out)
+            parts.append(out)
+        summed = (parts[0].float() + parts[1].float()).to(dtype)
+        for r in range(2):
+            before = [b.clone() for b in buffers]
+            unstaged = reduce_add_rms_norm(parts[r], residual, weight, EPS, _copy(ranks[r]))
+            out, new_residual = reduce_add_rms_norm(parts[r], residual, weight, EPS, ranks[r], staged=True)
+            assert all(torch.equal(a, b) for a, b in zip(before, buffers))
+            assert torch.equal(new_residual, (summed.float() + residual.float()).to(dtype))
+            assert torch.equal(out, unstaged[0]) and torch.equal(new_residual, unstaged[1])
+            # one fp32 pass for the norm, as the unstaged kernel: a few float16 ulps from the torch reference
+            assert_close(out, fused_add_rms_norm_ref(summed, residual, weight, EPS)[0], dtype=torch.bfloat16)
+            assert int(ranks[r].counters[0]) == count
