@@ -4,8 +4,8 @@ Llama-7B shape (32 layers, dim 4096, FFN 11008, 32 heads), random bf16 weights, 
 1 and 16. The baseline is gpt-fast style: static KV cache, SDPA, fused QKV and gate/up, greedy sampling on the GPU
 with no host sync per token; ringlet runs its whole engine step (scheduler, CUDA-graph decode, sampler, detokenizer
 skipped: token-id prompts), with async scheduling (its default on GPUs: each decode step queued before the
-previous step's tokens are read) and, as ringlet_waiting_*, without. Also checks ringlet's first-decode-step logits, and the bf16 peer's, against a
-float32 peer on the same weights.
+previous step's tokens are read) and, as ringlet_waiting_*, without. Also checks ringlet's first-decode-step
+logits, and the bf16 peer's, against a float32 peer on the same weights.
 
     python bench/decode.py [--out bench/results/decode-<gpu>-<date>.json] [--shape llama-7b]
 """

@@ -2,6 +2,7 @@
 
     python bench/kernels.py [--out PATH]   # on an H100/H200: about 3 minutes
     python bench/kernels.py --smoke        # on the CPU through Triton's interpreter, tiny sizes: does it run?
+    python bench/kernels.py --only rope_write_kv,write_kv   # a subset (names: BENCHES)
 
 Each kernel is first checked against its torch reference on fresh random inputs (max abs error and
 ||out - ref|| / ||ref||; the run exits non-zero when one is past 2 eps of its dtype), then timed beside its peer.
@@ -38,6 +39,7 @@ class Sizes:
     copy_mib: list  # device-to-device copies for the bandwidth baseline
     norm: list  # (T, D)
     rope: tuple  # (T, H, Dh)
+    rope_kv: list  # (T, Hq, Hk, Dh)
     silu: tuple  # (T, F)
     decode: list  # (B, context)
     prefill: list  # T, one sequence
@@ -54,12 +56,14 @@ class Sizes:
 LLAMA_7B_LINEARS = {"wqkv": (12288, 4096), "wo": (4096, 4096), "w13": (22016, 4096), "w2": (4096, 11008),
                     "output": (32000, 4096)}
 LLAMA_7B_LAYERS = 32
-GPU = Sizes(copy_mib=[256, 1024], norm=[(1, 4096), (4096, 4096)], rope=(4096, 32, 128), silu=(4096, 11008),
+GPU = Sizes(copy_mib=[256, 1024], norm=[(1, 4096), (4096, 4096)], rope=(4096, 32, 128),
+            rope_kv=[(1, 32, 32, 128), (16, 32, 32, 128), (1, 20, 20, 128), (4096, 32, 32, 128)], silu=(4096, 11008),
             decode=[(b, c) for b in (1, 16) for c in (1024, 4096, 32768)], prefill=[1024, 4096], heads=32,
             head_dim=128, gemv_m=[1, 16], gemv=LLAMA_7B_LINEARS, gemv_split_k=(256, 16384),
             dtypes=[torch.bfloat16, torch.float16], compile_peer=True)
 # tl.dot on bf16 is wrong under the interpreter (triton-lang/triton#11584), so the smoke run checks fp16.
-SMOKE = Sizes(copy_mib=[1], norm=[(5, 96)], rope=(5, 4, 32), silu=(5, 100), decode=[(1, 32), (3, 48)],
+SMOKE = Sizes(copy_mib=[1], norm=[(5, 96)], rope=(5, 4, 32), rope_kv=[(5, 4, 2, 32)], silu=(5, 100),
+              decode=[(1, 32), (3, 48)],
               prefill=[32], heads=2, head_dim=32, gemv_m=[1, 16], gemv={"a": (48, 256), "b": (96, 128)},
               gemv_split_k=(33, 2100), dtypes=[torch.float16], compile_peer=False)
 PAGE_SIZE = 16
@@ -267,6 +271,41 @@ def bench_write_kv(bench: Bench, s: Sizes) -> None:
                   bench.input_sets(lambda: inputs(s.dtypes[0]), nbytes), work=nbytes)
 
 
+def bench_rope_write_kv(bench: Bench, s: Sizes) -> None:
+    """The fused rope + cache write against the two kernels it replaces (16-bit caches), at decode and prefill
+    sizes: at decode sizes both are launch latency, which the CUDA-graph timing keeps (one node each)."""
+    for t, hq, hk, dh in s.rope_kv:
+        cos_sin = rk.rope_cos_sin(8192, dh, 10000.0, bench.device)
+
+        def inputs(dtype):
+            qkv = bench.rand(t, (hq + 2 * hk) * dh, dtype=dtype)
+            q, k, v = qkv.split([hq * dh, hk * dh, hk * dh], dim=1)
+            positions = torch.randint(0, 8192, (t,), device=bench.device, dtype=torch.int32)
+            k_cache, v_cache, _ = _paged(bench, 1, max(2 * t, PAGE_SIZE), hk, dh, dtype)
+            slots = torch.randperm(max(2 * t, PAGE_SIZE), device=bench.device)[:t]
+            return q.view(t, hq, dh), k.view(t, hk, dh), v.view(t, hk, dh), positions, k_cache, v_cache, slots
+
+        def ours(q, k, v, positions, k_cache, v_cache, slots):
+            return rk.rope_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slots)
+
+        def unfused(q, k, v, positions, k_cache, v_cache, slots):
+            q_out, k_out = rk.apply_rope(q, k, positions, cos_sin)
+            rk.write_kv(k_out, v, k_cache, v_cache, slots)
+            return q_out
+
+        name = f"rope_write_kv T={t} Hq={hq} Hk={hk} Dh={dh}"
+        for dtype in s.dtypes:
+            q, k, v, positions, k_cache, v_cache, slots = inputs(dtype)
+            k_ref, v_ref = k_cache.clone(), v_cache.clone()
+            bench.check(f"{name} (q)", ours(q, k, v, positions, k_cache, v_cache, slots),
+                        rk.rope_write_kv_ref(q, k, v, positions, cos_sin, k_ref, v_ref, slots))
+            bench.check(f"{name} (k cache)", k_cache, k_ref)
+            bench.check(f"{name} (v cache)", v_cache, v_ref)
+        nbytes = 2 * t * (hq + 2 * hk) * dh * s.dtypes[0].itemsize
+        bench.compare(name, ours, {"apply_rope + write_kv": unfused},
+                      bench.input_sets(lambda: inputs(s.dtypes[0]), nbytes), work=nbytes)
+
+
 def bench_decode(bench: Bench, s: Sizes) -> None:
     h, dh = s.heads, s.head_dim
     scale = dh ** -0.5
@@ -407,23 +446,29 @@ def finish(bench: Bench, name: str, gpu: str, date: str, out: Path | None, elaps
     return 0
 
 
+BENCHES = {"rms_norm": lambda b, s, copy: bench_rms_norm(b, s), "rope": lambda b, s, copy: bench_rope(b, s),
+           "silu_mul": lambda b, s, copy: bench_silu_mul(b, s), "write_kv": lambda b, s, copy: bench_write_kv(b, s),
+           "rope_write_kv": lambda b, s, copy: bench_rope_write_kv(b, s),
+           "decode": lambda b, s, copy: bench_decode(b, s), "prefill": lambda b, s, copy: bench_prefill(b, s),
+           "gemv": bench_gemv}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny sizes")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/kernels-<gpu>-<date>.json)")
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHES)} (default: all)")
     args = parser.parse_args()
+    only = args.only.split(",") if args.only else list(BENCHES)
+    if set(only) - set(BENCHES):
+        parser.error(f"--only: unknown {sorted(set(only) - set(BENCHES))}; choose from {', '.join(BENCHES)}")
     bench, gpu, date = start(parser, args)
     sizes = SMOKE if args.smoke else GPU
     start_s = time.perf_counter()
     copies = copy_bandwidth(bench, sizes)
     copy_gbps = max(copies.values())
-    bench_rms_norm(bench, sizes)
-    bench_rope(bench, sizes)
-    bench_silu_mul(bench, sizes)
-    bench_write_kv(bench, sizes)
-    bench_decode(bench, sizes)
-    bench_prefill(bench, sizes)
-    bench_gemv(bench, sizes, copy_gbps)
+    for name in only:
+        BENCHES[name](bench, sizes, copy_gbps)
     table = f"copy baseline {copy_gbps:.0f} GB/s (best of {', '.join(copies)})\n" + _table(bench.timings)
     return finish(bench, "kernels", gpu, date, args.out, time.perf_counter() - start_s, table,
                   copy_gbps=copies, timings=bench.timings)

@@ -11,6 +11,7 @@ from .patterns import DENSE, BlockSparse, Dense, Local, Pattern, Strided
 from .prefill_attention import prefill_attention, prefill_attention_ref
 from .rms_norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 from .rope import apply_rope, apply_rope_ref, rope_cos_sin
+from .rope_kv import rope_write_kv, rope_write_kv_ref
 from .silu_mul import silu_mul, silu_mul_ref
 from .quant_formats import Int4Weight, Int8Weight, TernaryWeight
 from .quant_gemm import quant_linear, quant_linear_ref
@@ -35,6 +36,8 @@ __all__ = [
     "rms_norm",
     "rms_norm_ref",
     "rope_cos_sin",
+    "rope_write_kv",
+    "rope_write_kv_ref",
     "silu_mul",
     "silu_mul_ref",
     "use_triton",

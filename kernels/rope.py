@@ -14,9 +14,11 @@ from ._dispatch import use_triton
 @triton.jit
 def _rotate_heads(
     x_ptr,  # [T, H, 2 * HALF] input, last dim contiguous
-    out_ptr,  # [T, H, 2 * HALF] contiguous output
+    out_ptr,  # [rows, H, 2 * HALF] contiguous output
     row,  # token index (int64)
+    out_row,  # row of out_ptr it goes to (int64)
     H,  # number of heads
+    live,  # heads written (H, or 0 to write nothing)
     stride_t,  # token stride of x
     stride_h,  # head stride of x
     cos,  # [1, BLOCK_HALF] float32
@@ -27,11 +29,11 @@ def _rotate_heads(
 ):
     heads = tl.arange(0, BLOCK_H)[:, None]
     cols = tl.arange(0, BLOCK_HALF)[None, :]
-    mask = (heads < H) & (cols < HALF)
+    mask = (heads < live) & (cols < HALF)
     src = x_ptr + row * stride_t + heads * stride_h + cols
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-    dst = out_ptr + (row * H + heads) * (2 * HALF) + cols
+    dst = out_ptr + (out_row * H + heads) * (2 * HALF) + cols
     tl.store(dst, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + HALF, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -59,8 +61,8 @@ def _rope_kernel(
     table = cos_sin_ptr + pos * (2 * HALF) + cols
     cos = tl.load(table, mask=cols < HALF, other=0.0)
     sin = tl.load(table + HALF, mask=cols < HALF, other=0.0)
-    _rotate_heads(q_ptr, q_out_ptr, row, Hq, stride_qt, stride_qh, cos, sin, HALF, BLOCK_HQ, BLOCK_HALF)
-    _rotate_heads(k_ptr, k_out_ptr, row, Hk, stride_kt, stride_kh, cos, sin, HALF, BLOCK_HK, BLOCK_HALF)
+    _rotate_heads(q_ptr, q_out_ptr, row, row, Hq, Hq, stride_qt, stride_qh, cos, sin, HALF, BLOCK_HQ, BLOCK_HALF)
+    _rotate_heads(k_ptr, k_out_ptr, row, row, Hk, Hk, stride_kt, stride_kh, cos, sin, HALF, BLOCK_HK, BLOCK_HALF)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling=None, device: torch.device | str = "cpu"

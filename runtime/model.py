@@ -12,7 +12,16 @@ from typing import Callable, Union
 
 import torch
 
-from ringlet.kernels import apply_rope, fused_add_rms_norm, linear, rms_norm, rope_cos_sin, silu_mul, write_kv
+from ringlet.kernels import (
+    apply_rope,
+    fused_add_rms_norm,
+    linear,
+    rms_norm,
+    rope_cos_sin,
+    rope_write_kv,
+    silu_mul,
+    write_kv,
+)
 from ringlet.kernels.patterns import DENSE
 from ringlet.kernels.quant_formats import Int8Weight, unpack_fields
 from ringlet.kernels.quant_gemm import quant_linear
@@ -148,10 +157,13 @@ class Llama:
             q = qkv[:, :cfg.q_size].view(t, cfg.n_heads, cfg.head_dim)
             k = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].view(t, cfg.n_kv_heads, cfg.head_dim)
             v = qkv[:, cfg.q_size + cfg.kv_size:].view(t, cfg.n_kv_heads, cfg.head_dim)
-            q, k = apply_rope(q, k, positions, self.cos_sin)
-            if kv.dtype == FP8 and self.key_rotation is not None:
-                q, k = torch.matmul(q, self.key_rotation), torch.matmul(k, self.key_rotation)
-            write_kv(k, v, kv.k[i], kv.v[i], slots, kv.k_scale[i], kv.v_scale[i])
+            if kv.dtype == FP8:  # keys rotated (kv_rotation.py) and quantized on their way into the cache
+                q, k = apply_rope(q, k, positions, self.cos_sin)
+                if self.key_rotation is not None:
+                    q, k = torch.matmul(q, self.key_rotation), torch.matmul(k, self.key_rotation)
+                write_kv(k, v, kv.k[i], kv.v[i], slots, kv.k_scale[i], kv.v_scale[i])
+            else:
+                q = rope_write_kv(q, k, v, positions, self.cos_sin, kv.k[i], kv.v[i], slots)
             attn = self.attention[i](q, kv.k[i], kv.v[i], meta, kv.k_scale[i], kv.v_scale[i])
             h = self._project_partial(i, 1, attn.view(t, cfg.q_size), layer.wo)
             x, residual = self._add_norm(h, residual, layer.ffn_norm)
