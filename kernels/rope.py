@@ -39,6 +39,15 @@ def _rotate_heads(
 
 
 @triton.jit
+def _cos_sin(positions_ptr, cos_sin_ptr, row, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """(cos, sin), each [1, BLOCK_HALF] float32 (0 past HALF), of token `row`'s position in the cos_sin table."""
+    pos = tl.load(positions_ptr + row).to(tl.int64)
+    cols = tl.arange(0, BLOCK_HALF)[None, :]
+    table = cos_sin_ptr + pos * (2 * HALF) + cols
+    return tl.load(table, mask=cols < HALF, other=0.0), tl.load(table + HALF, mask=cols < HALF, other=0.0)
+
+
+@triton.jit
 def _rope_kernel(
     q_ptr,  # [T, Hq, Dh] queries
     k_ptr,  # [T, Hk, Dh] keys
@@ -56,11 +65,7 @@ def _rope_kernel(
     BLOCK_HALF: tl.constexpr,  # power of two >= HALF
 ):
     row = tl.program_id(0).to(tl.int64)
-    pos = tl.load(positions_ptr + row).to(tl.int64)
-    cols = tl.arange(0, BLOCK_HALF)[None, :]
-    table = cos_sin_ptr + pos * (2 * HALF) + cols
-    cos = tl.load(table, mask=cols < HALF, other=0.0)
-    sin = tl.load(table + HALF, mask=cols < HALF, other=0.0)
+    cos, sin = _cos_sin(positions_ptr, cos_sin_ptr, row, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr, q_out_ptr, row, row, Hq, Hq, stride_qt, stride_qh, cos, sin, HALF, BLOCK_HQ, BLOCK_HALF)
     _rotate_heads(k_ptr, k_out_ptr, row, row, Hk, Hk, stride_kt, stride_kh, cos, sin, HALF, BLOCK_HK, BLOCK_HALF)
 

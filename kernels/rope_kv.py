@@ -14,7 +14,7 @@ import triton.language as tl
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
 from ._dispatch import use_triton
 from .paged_kv import write_kv_ref
-from .rope import _rotate_heads, apply_rope_ref
+from .rope import _cos_sin, _rotate_heads, apply_rope_ref
 
 
 @triton.jit
@@ -38,16 +38,13 @@ def _rope_write_kv_kernel(
     BLOCK_HALF: tl.constexpr,  # power of two >= HALF
 ):
     row = tl.program_id(0).to(tl.int64)
-    pos = tl.load(positions_ptr + row).to(tl.int64)
-    cols = tl.arange(0, BLOCK_HALF)[None, :]
-    table = cos_sin_ptr + pos * (2 * HALF) + cols
-    cos = tl.load(table, mask=cols < HALF, other=0.0)
-    sin = tl.load(table + HALF, mask=cols < HALF, other=0.0)
+    cos, sin = _cos_sin(positions_ptr, cos_sin_ptr, row, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr, q_out_ptr, row, row, Hq, Hq, stride_qt, stride_qh, cos, sin, HALF, BLOCK_HQ, BLOCK_HALF)
     slot = tl.load(slot_mapping_ptr + row).to(tl.int64)
     live = tl.where(slot >= 0, Hk, 0)  # a padding row (slot < 0) writes nothing
     _rotate_heads(k_ptr, k_cache_ptr, row, slot, Hk, live, stride_kt, stride_kh, cos, sin, HALF, BLOCK_HK, BLOCK_HALF)
     heads = tl.arange(0, BLOCK_HK)[:, None]
+    cols = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (heads < live) & (cols < HALF)
     src = v_ptr + row * stride_vt + heads * stride_vh + cols
     dst = v_cache_ptr + (slot * Hk + heads) * (2 * HALF) + cols

@@ -21,8 +21,10 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory, request):
-    """Three servers: the bundled model; a small random model behind an API key; the same small model with room
-    for 2 running sequences, no queue and a 10-page KV cache. They load while this process loads its own."""
+    """Three servers: the bundled model; a small random model behind an API key, with async scheduling on (the
+    GPU default: every test against it also covers an engine that queues decode steps ahead); the same small model
+    with room for 2 running sequences, no queue and a 10-page KV cache. They load while this process loads its
+    own."""
     d = tmp_path_factory.mktemp("serve")
     # One torch thread per server: the test process computes references beside them on 2 cores, and spinning
     # thread pools that outnumber the cores slow every process down many times over.
@@ -31,7 +33,7 @@ def servers(tmp_path_factory, request):
     try:
         model = write_random_model(d / "model", request.getfixturevalue("checkpoint").tokenizer, seed=3)
         started.append(Server(d / "small.log", "--model", model, "--served-model-name", SMALL, "--api-key", KEY,
-                              env=one_thread))
+                              "--async-scheduling", "on", env=one_thread))
         started.append(Server(d / "tight.log", "--model", model, "--served-model-name", SMALL, "--max-num-seqs",
                               "2", "--max-queue", "0", "--kv-cache-tokens", "160", env=one_thread))
         request.getfixturevalue("llm")
