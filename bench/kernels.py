@@ -76,6 +76,7 @@ class Bench:
         self.l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
         self.checks: list[dict] = []
         self.timings: list[dict] = []
+        self.copy_gbps = 0.0  # the copy baseline (copy_bandwidth's best), which the gemv rows are a share of
 
     def free(self) -> None:
         """Return cached GPU memory between sizes, so large cases do not fail on fragmentation."""
@@ -368,7 +369,8 @@ def bench_prefill(bench: Bench, s: Sizes) -> None:
         bench.free()
 
 
-def bench_gemv(bench: Bench, s: Sizes, copy_gbps: float) -> None:
+def bench_gemv(bench: Bench, s: Sizes) -> None:
+    copy_gbps = bench.copy_gbps
     rows = {}
     for name, (n, k) in {**s.gemv, "split-K": s.gemv_split_k}.items():
         for dtype in s.dtypes:
@@ -446,10 +448,8 @@ def finish(bench: Bench, name: str, gpu: str, date: str, out: Path | None, elaps
     return 0
 
 
-BENCHES = {"rms_norm": lambda b, s, copy: bench_rms_norm(b, s), "rope": lambda b, s, copy: bench_rope(b, s),
-           "silu_mul": lambda b, s, copy: bench_silu_mul(b, s), "write_kv": lambda b, s, copy: bench_write_kv(b, s),
-           "rope_write_kv": lambda b, s, copy: bench_rope_write_kv(b, s),
-           "decode": lambda b, s, copy: bench_decode(b, s), "prefill": lambda b, s, copy: bench_prefill(b, s),
+BENCHES = {"rms_norm": bench_rms_norm, "rope": bench_rope, "silu_mul": bench_silu_mul, "write_kv": bench_write_kv,
+           "rope_write_kv": bench_rope_write_kv, "decode": bench_decode, "prefill": bench_prefill,
            "gemv": bench_gemv}
 
 
@@ -466,9 +466,9 @@ def main() -> int:
     sizes = SMOKE if args.smoke else GPU
     start_s = time.perf_counter()
     copies = copy_bandwidth(bench, sizes)
-    copy_gbps = max(copies.values())
+    bench.copy_gbps = copy_gbps = max(copies.values())
     for name in only:
-        BENCHES[name](bench, sizes, copy_gbps)
+        BENCHES[name](bench, sizes)
     table = f"copy baseline {copy_gbps:.0f} GB/s (best of {', '.join(copies)})\n" + _table(bench.timings)
     return finish(bench, "kernels", gpu, date, args.out, time.perf_counter() - start_s, table,
                   copy_gbps=copies, timings=bench.timings)

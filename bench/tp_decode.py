@@ -60,6 +60,12 @@ def timed_modes(engine: Engine, batch: int, args) -> list[tuple[float, float]]:
     return results
 
 
+def compared(one: tuple[float, float], tp2: tuple[float, float]) -> dict:
+    """The report of one mode from bench_ringlet's (tokens/s, seconds per step) on one GPU and under TP-2."""
+    return {"one_gpu_tok_s": round(one[0], 1), "tp2_tok_s": round(tp2[0], 1), "ratio": round(tp2[0] / one[0], 3),
+            "one_gpu_step_ms": round(one[1] * 1e3, 3), "tp2_step_ms": round(tp2[1] * 1e3, 3)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true")
@@ -114,14 +120,8 @@ def main() -> int:
         torch.cuda.empty_cache()
     if info.rank == 0:
         for b in batches:
-            tp2 = timed_modes(replica.engine, b, args)
-            for name, (one, one_step), (tok_s, step) in zip(("waiting", "async"), runs[b].pop("one_gpu"), tp2):
-                row = {"one_gpu_tok_s": round(one, 1), "tp2_tok_s": round(tok_s, 1), "ratio": round(tok_s / one, 3),
-                       "one_gpu_step_ms": round(one_step * 1e3, 3), "tp2_step_ms": round(step * 1e3, 3)}
-                if name == "async":
-                    runs[b].update(row)
-                else:
-                    runs[b]["waiting"] = row
+            (one_w, one_a), (tp2_w, tp2_a) = runs[b].pop("one_gpu"), timed_modes(replica.engine, b, args)
+            runs[b].update(waiting=compared(one_w, tp2_w), **compared(one_a, tp2_a))
             print(json.dumps(runs[b]), flush=True)
         replica.stop_workers()
     else:

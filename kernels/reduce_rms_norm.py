@@ -91,6 +91,37 @@ def _words(dim: int) -> int:
 
 
 @triton.jit
+def _send_tile(
+    vals,  # [BLOCK_M, BLOCK_N] 16-bit floats: columns n0 .. n0 + BLOCK_N - 1 of rows `rows` (past D: ignored)
+    count,  # [BLOCK_M] int32 the call these rows belong to
+    rows,  # [BLOCK_M] int32 row numbers
+    row_mask,  # [BLOCK_M] rows to write
+    n0,  # first column, even
+    D,  # row length
+    table_ptr,  # [WORLD] int64 addresses of every rank's staging (PeerBuffers.table)
+    rows_cap,  # rows each (parity, source rank) slot holds (PeerBuffers.max_rows(D))
+    RANK: tl.constexpr,  # this rank
+    WORLD: tl.constexpr,  # ranks in the group
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # even
+):
+    """Step 1 of the module docstring for a tile: word i = count << 32 | bits of x[2i + 1] << 16 | bits of x[2i],
+    written into every peer's staging, in the slot it keeps for this rank."""
+    parity = count & 1
+    bits = vals.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    lo, hi = tl.split(tl.reshape(bits, [BLOCK_M, BLOCK_N // 2, 2]))
+    words = (count.to(tl.int64) << 32)[:, None] | ((hi << 16) | lo).to(tl.int64) & 0xFFFFFFFF
+    WD = (D + 1) // 2
+    pairs = n0 // 2 + tl.arange(0, BLOCK_N // 2)
+    mask = row_mask[:, None] & (pairs < WD)[None, :]
+    for r in tl.static_range(WORLD):
+        if r != RANK:
+            peer = tl.load(table_ptr + r).to(tl.pointer_type(tl.int64))
+            slot = ((parity * WORLD + RANK) * rows_cap + rows).to(tl.int64) * WD
+            tl.store(peer + slot[:, None] + pairs[None, :], words, mask=mask)
+
+
+@triton.jit
 def stage_tile(
     vals,  # [BLOCK_M, BLOCK_N] 16-bit floats: columns n0 .. n0 + BLOCK_N - 1 of rows `rows` (past D: ignored)
     rows,  # [BLOCK_M] int32 row numbers
@@ -108,18 +139,7 @@ def stage_tile(
     """Write a tile of this rank's partial rows into every peer's staging, as words of the call that
     `_reduce_add_rms_norm_kernel` makes next on those rows (step 1 of the module docstring, done early)."""
     count = tl.load(counters_ptr + rows, mask=row_mask, other=0) + 1
-    parity = count & 1
-    bits = vals.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    lo, hi = tl.split(tl.reshape(bits, [BLOCK_M, BLOCK_N // 2, 2]))
-    words = (count.to(tl.int64) << 32)[:, None] | ((hi << 16) | lo).to(tl.int64) & 0xFFFFFFFF
-    WD = (D + 1) // 2
-    pairs = n0 // 2 + tl.arange(0, BLOCK_N // 2)
-    mask = row_mask[:, None] & (pairs < WD)[None, :]
-    for r in tl.static_range(WORLD):
-        if r != RANK:
-            peer = tl.load(table_ptr + r).to(tl.pointer_type(tl.int64))
-            slot = ((parity * WORLD + RANK) * rows_cap + rows).to(tl.int64) * WD
-            tl.store(peer + slot[:, None] + pairs[None, :], words, mask=mask)
+    _send_tile(vals, count, rows, row_mask, n0, D, table_ptr, rows_cap, RANK, WORLD, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -154,16 +174,11 @@ def _reduce_add_rms_norm_kernel(
     stamp = count.to(tl.int64) << 32
     parity = count & 1
 
-    # Pack: word i = count << 32 | bits of x[2i + 1] << 16 | bits of x[2i].
     x = tl.load(x_ptr + row.to(tl.int64) * stride_xt + cols, mask=mask, other=0.0)
-    bits = x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    lo, hi = tl.split(tl.reshape(bits, [HALF, 2]))
-    words = stamp | ((hi << 16) | lo).to(tl.int64) & 0xFFFFFFFF
-    for r in tl.static_range(WORLD):
-        if r != RANK and not STAGED:
-            peer = tl.load(table_ptr + r).to(tl.pointer_type(tl.int64))
-            slot = ((parity * WORLD + RANK) * rows_cap + row).to(tl.int64) * WD
-            tl.store(peer + slot + pairs, words, mask=pair_mask)
+    if not STAGED:
+        one = tl.zeros([1], dtype=tl.int32)
+        _send_tile(tl.reshape(x, [1, BLOCK_D]), count + one, row + one, one == 0, 0, D, table_ptr, rows_cap, RANK,
+                   WORLD, 1, BLOCK_D)
 
     mine = tl.load(table_ptr + RANK).to(tl.pointer_type(tl.int64))
     total = tl.zeros([BLOCK_D], dtype=tl.float32)

@@ -165,12 +165,12 @@ class Llama:
             else:
                 q = rope_write_kv(q, k, v, positions, self.cos_sin, kv.k[i], kv.v[i], slots)
             attn = self.attention[i](q, kv.k[i], kv.v[i], meta, kv.k_scale[i], kv.v_scale[i])
-            h = self._project_partial(i, 1, attn.view(t, cfg.q_size), layer.wo)
+            h = self._project(i, 1, attn.view(t, cfg.q_size), layer.wo, partial=True)
             x, residual = self._add_norm(h, residual, layer.ffn_norm)
             act = silu_mul(self._project(i, 2, x, layer.w13))
             # The last layer's output goes to all_reduce below when logits_index is given, not to _add_norm.
             last = i == len(self.layers) - 1 and logits_index is not None
-            h = self._project(i, 3, act, layer.w2) if last else self._project_partial(i, 3, act, layer.w2)
+            h = self._project(i, 3, act, layer.w2, partial=not last)
         if logits_index is not None:
             if self.comm is not None:
                 h = self.comm.all_reduce(h)
@@ -189,19 +189,14 @@ class Llama:
             return self.comm.reduce_add_rms_norm(h, residual, weight, self.config.rms_eps)
         return fused_add_rms_norm(h, residual, weight, self.config.rms_eps)
 
-    def _project(self, layer: int, which: int, x: torch.Tensor, w: Linear) -> torch.Tensor:
+    def _project(self, layer: int, which: int, x: torch.Tensor, w: Linear, partial: bool = False) -> torch.Tensor:
+        """x @ w^T. partial: a row-parallel projection (wo, w2) whose output goes straight to `_add_norm`; under
+        tensor parallelism the communicator computes it, and may send the partial sums on as they are made."""
         if self.observer is not None:
             self.observer(f"layers.{layer}.{LINEARS[which]}", x)
+        if partial and self.comm is not None and isinstance(w, torch.Tensor):
+            return self.comm.row_parallel_linear(x, w)
         return project(x, w)
-
-    def _project_partial(self, layer: int, which: int, x: torch.Tensor, w: Linear) -> torch.Tensor:
-        """A row-parallel projection (wo, w2) whose output goes straight to `_add_norm`: under tensor parallelism
-        the communicator computes it, and may send the partial sums on as they are made."""
-        if self.comm is None or not isinstance(w, torch.Tensor):
-            return self._project(layer, which, x, w)
-        if self.observer is not None:
-            self.observer(f"layers.{layer}.{LINEARS[which]}", x)
-        return self.comm.row_parallel_linear(x, w)
 
 
 def random_weights(config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0
