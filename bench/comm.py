@@ -13,6 +13,9 @@ ringlet/mpi/nccl.py). For those two, `*_graph_us` is the time per all-reduce rep
 GRAPH_CALLS calls, as the decode step runs them (launch costs gone). On GPUs, `reduce_add_rms_norm` rows time the
 fused all-reduce + residual add + RMSNorm kernel (what a tensor-parallel block calls after wo and w2) against the
 one-shot all-reduce followed by `fused_add_rms_norm`, at 1 to 48 rows of dim 5120, after checking they agree.
+`vocab_parallel_logits` rows time a 13B-shaped LM head split by vocabulary rows (16000 x 5120 per rank, bf16):
+the staged gather (GEMV sending its logits as it writes them, then `gather_rows`) against the GEMV followed by an
+NCCL all-gather, and against the whole head (32000 x 5120) on one rank, after checking the two gathers agree.
 """
 from __future__ import annotations
 
@@ -25,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from mpi4py import MPI
-from ringlet.kernels import fused_add_rms_norm
+from ringlet.kernels import fused_add_rms_norm, linear
 from ringlet.mpi import control
-from ringlet.mpi.comm import make_communicator
+from ringlet.mpi.comm import Communicator, make_communicator
 from ringlet.mpi.ranks import device_for, discover
 from result_files import write_results
 
@@ -37,6 +40,8 @@ GRAPH_CALLS = 32
 GRAPH_MAX_BYTES = 4 << 20
 REDUCE_NORM_ROWS = [1, 4, 16, 32, 48]
 REDUCE_NORM_DIM = 5120
+HEAD_ROWS = [1, 4, 16, 17]  # 17: past the GEMV's rows, so the gather kernel sends the words itself
+HEAD_SHAPE = (32000, 5120)  # Llama-13B's vocabulary x dim
 
 
 def sync(device) -> None:
@@ -110,6 +115,38 @@ def reduce_norm_rows(fused, plain, world, device: torch.device, iters: int) -> l
     return rows
 
 
+def vocab_parallel_rows(fused, plain, world, device: torch.device, iters: int) -> list[dict]:
+    """`fused.vocab_parallel_logits` against the base implementation on `plain` (GEMV, NCCL all-gather) and the
+    whole head on one rank, in CUDA graphs. Checks first that the two gathers give the same bits on every rank."""
+    vocab, dim = HEAD_SHAPE
+    size, rank = world.Get_size(), world.Get_rank()
+    g = torch.Generator(device=device).manual_seed(1234)  # the same head and inputs on every rank
+    head = (torch.randn(vocab, dim, generator=g, device=device) * 0.02).to(torch.bfloat16)
+    mine = head[rank * vocab // size:(rank + 1) * vocab // size]
+    rows = []
+    for t in HEAD_ROWS:
+        x = torch.randn(t, dim, generator=g, device=device).to(torch.bfloat16)
+        for _ in range(3):  # both parities of the staging, then the first again
+            got = fused.vocab_parallel_logits(x, mine)
+            want = Communicator.vocab_parallel_logits(plain, x, mine)
+            if not torch.equal(got, want):
+                raise RuntimeError(f"vocab_parallel_logits: the staged gather differs from NCCL's at {t} rows: "
+                                   f"{(got - want).abs().max().item()}")
+        sums = control.allgather(world, float(got.double().sum()))
+        if any(s != sums[0] for s in sums):
+            raise RuntimeError(f"vocab_parallel_logits: ranks disagree on {t} rows: {sums}")
+        rows.append({"rows": t, "head": list(HEAD_SHAPE), "ranks": size,
+                     "staged_gather_graph_us": round(time_in_graph(
+                         lambda: fused.vocab_parallel_logits(x, mine), world, device, iters) * 1e6, 2),
+                     "nccl_all_gather_graph_us": round(time_in_graph(
+                         lambda: Communicator.vocab_parallel_logits(plain, x, mine), world, device, iters) * 1e6, 2),
+                     "whole_head_one_rank_graph_us": round(time_in_graph(
+                         lambda: linear(x, head).float(), world, device, iters) * 1e6, 2)})
+        if rank == 0:
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def fit(sizes: list[int], times: list[float]) -> dict:
     a = np.stack([np.ones(len(sizes)), np.array(sizes, float)], axis=1)
     (alpha, inv_beta), *_ = np.linalg.lstsq(a, np.array(times), rcond=None)
@@ -153,6 +190,8 @@ def main() -> int:
     fits = {name: fit(sizes, [r[f"{name}_us"] * 1e-6 for r in rows]) for name in backends}
     reduce_norm = reduce_norm_rows(comms["nccl_one_shot"], comms["nccl"], world, device, args.iters) \
         if device.type == "cuda" else None
+    heads = vocab_parallel_rows(comms["nccl_one_shot"], comms["nccl"], world, device, args.iters) \
+        if device.type == "cuda" else None
     if info.rank == 0:
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-smoke"
         date = datetime.date.today().isoformat()
@@ -160,7 +199,8 @@ def main() -> int:
             "gpu": gpu, "date": date, "torch": torch.__version__, "ranks": info.world_size,
             "mpi": MPI.Get_library_version().splitlines()[0].strip(), "dtype": "bfloat16", "fit": fits,
             "auto": auto.describe(), "nccl_one_shot": comms["nccl_one_shot"].describe() if "nccl_one_shot" in comms
-            else None, "runs": rows, "reduce_add_rms_norm": reduce_norm})
+            else None, "runs": rows, "reduce_add_rms_norm": reduce_norm,
+            "vocab_parallel_logits": heads})
         print(json.dumps({"fit": fits}))
         print(f"wrote {out}")
     return 0

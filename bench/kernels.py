@@ -48,6 +48,7 @@ class Sizes:
     gemv_m: list
     gemv: dict  # name -> (N, K)
     gemv_split_k: tuple  # (N, K) small enough in N that linear splits K: checked, not timed
+    glu: dict  # name -> (2F, K) of a fused gate/up projection, for linear_silu_mul
     dtypes: list  # all are checked; the first is timed
     compile_peer: bool
 
@@ -60,12 +61,13 @@ GPU = Sizes(copy_mib=[256, 1024], norm=[(1, 4096), (4096, 4096)], rope=(4096, 32
             rope_kv=[(1, 32, 32, 128), (16, 32, 32, 128), (1, 20, 20, 128), (4096, 32, 32, 128)], silu=(4096, 11008),
             decode=[(b, c) for b in (1, 16) for c in (1024, 4096, 32768)], prefill=[1024, 4096], heads=32,
             head_dim=128, gemv_m=[1, 16], gemv=LLAMA_7B_LINEARS, gemv_split_k=(256, 16384),
+            glu={"7B w13": (22016, 4096), "13B TP-2 w13": (13824, 5120)},
             dtypes=[torch.bfloat16, torch.float16], compile_peer=True)
 # tl.dot on bf16 is wrong under the interpreter (triton-lang/triton#11584), so the smoke run checks fp16.
 SMOKE = Sizes(copy_mib=[1], norm=[(5, 96)], rope=(5, 4, 32), rope_kv=[(5, 4, 2, 32)], silu=(5, 100),
               decode=[(1, 32), (3, 48)],
               prefill=[32], heads=2, head_dim=32, gemv_m=[1, 16], gemv={"a": (48, 256), "b": (96, 128)},
-              gemv_split_k=(33, 2100), dtypes=[torch.float16], compile_peer=False)
+              gemv_split_k=(33, 2100), glu={"a": (96, 256)}, dtypes=[torch.float16], compile_peer=False)
 PAGE_SIZE = 16
 EPS = 1e-5
 
@@ -411,6 +413,33 @@ def bench_gemv(bench: Bench, s: Sizes) -> None:
                   f"cuBLAS {step['peer_rates']['cublas']:.0f} GB/s", flush=True)
 
 
+def bench_linear_silu_mul(bench: Bench, s: Sizes) -> None:
+    """The gate/up projection with SwiGLU's gate in its epilogue, against ringlet's two kernels (what the model ran
+    before) and cuBLAS + eager torch."""
+    def two_kernels(x, w):
+        return rk.silu_mul(rk.linear(x, w))
+
+    def cublas_eager(x, w):
+        gate, up = F.linear(x, w).chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    for name, (n, k) in s.glu.items():
+        for dtype in s.dtypes:
+            w = bench.rand(n, k, dtype=dtype, scale=k ** -0.5)
+            for m in s.gemv_m:
+                x = bench.rand(m, k, dtype=dtype)
+                bench.check(f"linear_silu_mul M={m} 2F={n} K={k}", rk.linear_silu_mul(x, w),
+                            rk.linear_silu_mul_ref(x, w))
+        for m in s.gemv_m:
+            nbytes = (n * k + m * k + m * n // 2) * s.dtypes[0].itemsize
+            sets = bench.input_sets(lambda: (bench.rand(m, k, dtype=s.dtypes[0]),
+                                             bench.rand(n, k, dtype=s.dtypes[0], scale=k ** -0.5)), nbytes)
+            bench.compare(f"linear_silu_mul M={m} 2F={n} K={k} ({name})", rk.linear_silu_mul,
+                          {"linear+silu_mul": two_kernels, "cublas+eager": cublas_eager}, sets, work=nbytes)
+            del sets
+            bench.free()
+
+
 def _table(timings: list[dict]) -> str:
     lines = [f"{'kernel':<60} {'ours us':>9} {'peer':<14} {'peer us':>9} {'speedup':>8} {'ours rate':>16}"]
     for row in timings:
@@ -450,7 +479,7 @@ def finish(bench: Bench, name: str, gpu: str, date: str, out: Path | None, elaps
 
 BENCHES = {"rms_norm": bench_rms_norm, "rope": bench_rope, "silu_mul": bench_silu_mul, "write_kv": bench_write_kv,
            "rope_write_kv": bench_rope_write_kv, "decode": bench_decode, "prefill": bench_prefill,
-           "gemv": bench_gemv}
+           "gemv": bench_gemv, "linear_silu_mul": bench_linear_silu_mul}
 
 
 def main() -> int:

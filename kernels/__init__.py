@@ -5,7 +5,7 @@ Launchers run Triton on CUDA tensors and the reference on CPU tensors; `RINGLET_
 """
 from ._dispatch import use_triton
 from .decode_attention import decode_attention, decode_attention_ref
-from .gemv import linear, linear_ref
+from .gemv import linear, linear_ref, linear_silu_mul, linear_silu_mul_ref
 from .paged_kv import write_kv, write_kv_ref
 from .patterns import DENSE, BlockSparse, Dense, Local, Pattern, Strided
 from .prefill_attention import prefill_attention, prefill_attention_ref
@@ -31,6 +31,8 @@ __all__ = [
     "fused_add_rms_norm_ref",
     "linear",
     "linear_ref",
+    "linear_silu_mul",
+    "linear_silu_mul_ref",
     "prefill_attention",
     "prefill_attention_ref",
     "rms_norm",

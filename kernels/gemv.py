@@ -1,4 +1,6 @@
-"""Dense linear layers at decode batch sizes: a weight-streaming GEMV / skinny GEMM for M <= 16."""
+"""Dense linear layers at decode batch sizes: a weight-streaming GEMV / skinny GEMM for M <= 16, plain
+(`linear`), sending its output tiles to tensor-parallel peers (`linear_staged`), or with SwiGLU's gate applied in
+its epilogue (`linear_silu_mul`)."""
 from __future__ import annotations
 
 import functools
@@ -11,6 +13,7 @@ from ._checks import FLOAT_DTYPES, check_tensor
 from ._dispatch import sm_count, use_triton
 from .reduce_rms_norm import DTYPES as STAGED_DTYPES
 from .reduce_rms_norm import PeerBuffers, stage_rows_ref, stage_tile
+from .silu_mul import silu_mul, silu_mul_ref
 
 # Rows of x the Triton kernel takes; past this the product is compute-bound enough for cuBLAS.
 MAX_TRITON_M = 16
@@ -27,7 +30,7 @@ _SMS_OFF_GPU = 4
 @triton.jit
 def _gemv_kernel(
     x_ptr,  # [M, K] activations, last dim contiguous
-    w_ptr,  # [N, K] weight, contiguous
+    w_ptr,  # [N, K] weight, contiguous ([2N, K] with GLU: gate rows, then up rows)
     out_ptr,  # [SPLIT_K, M, N] contiguous: the output itself (SPLIT_K == 1, x's dtype) or float32 partials
     M, N, K,  # problem size
     stride_xm,  # row stride of x
@@ -40,6 +43,7 @@ def _gemv_kernel(
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs, else ignored
     STAGE: tl.constexpr,  # also write the output tile into every peer's staging (linear_staged; SPLIT_K == 1)
     RANK: tl.constexpr, WORLD: tl.constexpr,  # STAGE: this rank, ranks in the group
+    GLU: tl.constexpr,  # out = silu(x @ gate.T) * (x @ up.T), gate and up each rounded first (SPLIT_K == 1)
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -53,10 +57,13 @@ def _gemv_kernel(
     # Rows past N re-read row 0 rather than being masked, so weight loads carry no mask along N; they are
     # dropped at the store.
     w_rows = w_ptr + tl.where(offs_n < N, offs_n, 0).to(tl.int64)[:, None] * K
+    up_rows = w_ptr + (tl.where(offs_n < N, offs_n, 0) + N).to(tl.int64)[:, None] * K  # GLU: up's rows
 
+    # Without GLU the up accumulators are never updated, and the compiler drops them.
     if BLOCK_M == 1:
         # One activation row: FMAs into a [BLOCK_N, BLOCK_K] accumulator, reduced across K once at the end.
         acc2d = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        up2d = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k in range(k_start, k_end, BLOCK_K):
             cols = k + offs_k
             if EVEN_K:
@@ -66,9 +73,17 @@ def _gemv_kernel(
                 w = tl.load(w_rows + cols[None, :], mask=(cols < k_end)[None, :], other=0.0)
                 xv = tl.load(x_ptr + cols, mask=cols < k_end, other=0.0)
             acc2d += w.to(tl.float32) * xv.to(tl.float32)[None, :]
+            if GLU:
+                if EVEN_K:
+                    u = tl.load(up_rows + cols[None, :])
+                else:
+                    u = tl.load(up_rows + cols[None, :], mask=(cols < k_end)[None, :], other=0.0)
+                up2d += u.to(tl.float32) * xv.to(tl.float32)[None, :]
         acc = tl.sum(acc2d, 1)[None, :]
+        up = tl.sum(up2d, 1)[None, :]
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         x_rows = x_ptr + offs_m[:, None] * stride_xm
         for k in range(k_start, k_end, BLOCK_K):
             cols = k + offs_k
@@ -79,9 +94,18 @@ def _gemv_kernel(
                 w = tl.load(w_rows + cols[None, :], mask=(cols < k_end)[None, :], other=0.0)
                 xv = tl.load(x_rows + cols[None, :], mask=m_valid[:, None] & (cols < k_end)[None, :], other=0.0)
             acc += tl.dot(xv, tl.trans(w), input_precision=DOT_PRECISION)
+            if GLU:
+                if EVEN_K:
+                    u = tl.load(up_rows + cols[None, :])
+                else:
+                    u = tl.load(up_rows + cols[None, :], mask=(cols < k_end)[None, :], other=0.0)
+                up += tl.dot(xv, tl.trans(u), input_precision=DOT_PRECISION)
 
     out = out_ptr + (pid_k * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
     vals = acc.to(out_ptr.dtype.element_ty)
+    if GLU:  # silu_mul's arithmetic on the rounded gate and up, so the result has the unfused path's bits
+        gate = vals.to(tl.float32)
+        vals = (gate * tl.sigmoid(gate) * up.to(out_ptr.dtype.element_ty).to(tl.float32)).to(vals.dtype)
     tl.store(out, vals, mask=m_valid[:, None] & (offs_n < N)[None, :])
     if STAGE:
         stage_tile(vals, offs_m, m_valid, pid_n * BLOCK_N, N, table_ptr, counters_ptr, rows_cap, RANK, WORLD,
@@ -155,7 +179,8 @@ def _tuning_bench(fn, quantiles=None):
 
 
 # Tuned per (row bucket, N, K, split): decode batches of 2..16 rows share the BLOCK_M == 16 kernel and its tuning.
-_gemv_kernel_tuned = triton.autotune(configs=_FMA_CONFIGS + _DOT_CONFIGS, key=["BLOCK_M", "N", "K", "SPLIT_K"],
+_gemv_kernel_tuned = triton.autotune(configs=_FMA_CONFIGS + _DOT_CONFIGS,
+                                     key=["BLOCK_M", "N", "K", "SPLIT_K", "GLU"],
                                      prune_configs_by={"early_config_prune": _configs_for_path},
                                      do_bench=_tuning_bench)(_gemv_kernel)
 # Staging launches (linear_staged) run the config the tuner picked for the same launch without staging, keyed
@@ -194,22 +219,44 @@ def linear_staged(x: torch.Tensor, weight: torch.Tensor, peers: PeerBuffers) -> 
     return _linear(x, weight, peers)
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, peers: PeerBuffers | None) -> tuple[torch.Tensor, bool]:
+def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """silu_mul(linear(x, weight)): SwiGLU's fused gate/up projection and its gate, in one kernel where the GEMV
+    writes its output in one pass (M <= 16, no split-K). The arithmetic is the two calls' (gate and up rounded to
+    x's dtype, then the gate in float32), but the GEMV's tiling is tuned for this launch on its own, so a sum may
+    round differently in the last bit.
+
+    x [M, K] fp16/bf16/fp32 (last dim contiguous), weight [2F, K] contiguous, x's dtype (gate rows [0, F), up rows
+    [F, 2F)) -> out [M, F] contiguous, x's dtype.
+    """
+    if not use_triton(x):
+        return linear_silu_mul_ref(x, weight)
+    if weight.dim() == 2 and weight.shape[0] % 2:
+        raise ValueError(f"weight must have an even number of rows (gate, then up), got shape {tuple(weight.shape)}")
+    out, fused = _linear(x, weight, None, glu=True)
+    return out if fused else silu_mul(out)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, peers: PeerBuffers | None, glu: bool = False
+            ) -> tuple[torch.Tensor, bool]:
+    """The launcher behind the public functions: (out, True) when the kernel did what peers (staging) or glu ask,
+    else (x @ weight.T, False)."""
     check_tensor("x", x, (None, None), FLOAT_DTYPES)
     m, k = x.shape
     check_tensor("weight", weight, (None, k), (x.dtype,), x.device, layout="contiguous")
     if m > MAX_TRITON_M:
         return torch.nn.functional.linear(x, weight), False
-    n = weight.shape[0]
-    if m == 0 or n == 0 or k == 0:
-        return torch.zeros((m, n), dtype=x.dtype, device=x.device), False
-    split_k = _split_k(n, k, x.device)
+    rows = weight.shape[0]
+    if m == 0 or rows == 0 or k == 0:
+        return torch.zeros((m, rows), dtype=x.dtype, device=x.device), False
+    split_k = _split_k(rows, k, x.device)
+    glu = glu and split_k == 1
+    n = rows // 2 if glu else rows  # output columns
     stage = peers is not None and split_k == 1 and x.dtype in STAGED_DTYPES and m <= peers.max_rows(n)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     partial = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
     meta = {"SPLIT_K": split_k, "BLOCK_M": 1 if m == 1 else 16,
             "DOT_PRECISION": "ieee" if x.dtype == torch.float32 else "tf32", "STAGE": stage,
-            "RANK": peers.rank if stage else 0, "WORLD": peers.world if stage else 1}
+            "RANK": peers.rank if stage else 0, "WORLD": peers.world if stage else 1, "GLU": glu}
     staging = (peers.table, peers.counters, peers.max_rows(n)) if stage else (out, out, 0)
 
     def grid(cfg: dict) -> tuple[int, int]:
@@ -229,12 +276,17 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, peers: PeerBuffers | None) ->
         _gemv_kernel[grid](x, weight, partial, m, n, k, x.stride(0), *staging, **meta, **_INTERPRETER_CONFIG)
     if split_k > 1:
         _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](partial, out, m * n, SPLIT_K=split_k, BLOCK=1024)
-    return out, stage
+    return out, stage or glu
 
 
 def linear_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Torch reference for `linear`, in float32."""
     return (x.float() @ weight.float().T).to(x.dtype)
+
+
+def linear_silu_mul_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Torch reference for `linear_silu_mul`."""
+    return silu_mul_ref(linear_ref(x, weight))
 
 
 def linear_staged_ref(x: torch.Tensor, weight: torch.Tensor, peers: PeerBuffers) -> tuple[torch.Tensor, bool]:

@@ -95,6 +95,11 @@ class AutoCommunicator(Communicator):
     def reduce_add_rms_norm(self, x, residual, weight, eps):
         return self._backend(x).reduce_add_rms_norm(x, residual, weight, eps)
 
+    def vocab_parallel_logits(self, x, w):
+        if self.nccl is not None:
+            return self.nccl.vocab_parallel_logits(x, w)
+        return super().vocab_parallel_logits(x, w)
+
     def broadcast(self, tensor, root=0):
         return (self.nccl or self.host).broadcast(tensor, root)
 

@@ -4,11 +4,12 @@
     h = comm.all_reduce(h)                       # sums over the group, in place, returns the same tensor
     h = comm.row_parallel_linear(x, w)          # a row-parallel projection: this rank's partial sums
     x, residual = comm.reduce_add_rms_norm(h, residual, weight, eps)   # the sum, plus the residual, normalized
+    logits = comm.vocab_parallel_logits(x, w)   # a vocab-parallel head: every rank's logits, side by side
 
 `all_reduce` works IN PLACE: the tensor passed in holds the sum afterwards and is also returned, so a model can
 write `h = comm.all_reduce(h)` and a CUDA graph replays it on its static buffer. The runtime core only ever calls
-`all_reduce`, `row_parallel_linear` and `reduce_add_rms_norm` (see `ringlet.model.Llama.comm`); it never imports
-this package.
+`all_reduce`, `row_parallel_linear`, `reduce_add_rms_norm` and `vocab_parallel_logits` (see
+`ringlet.model.Llama.comm`); it never imports this package.
 
 Host backends (ring, mpi) stage every tensor through a float32 numpy buffer on the CPU: 16-bit inputs are summed
 in float32 and rounded once at the end, and every rank ends with the same bits. On GPUs these costs are what
@@ -53,6 +54,13 @@ class Communicator:
         overwritten), residual [T, D] the replicated residual stream -> (normalized [T, D], new residual [T, D]).
         What a Llama block does after each row-parallel projection; backends may fuse it (nccl on one node)."""
         return fused_add_rms_norm(self.all_reduce(x), residual, weight, eps)
+
+    def vocab_parallel_logits(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x [T, K] @ w [N, K].T on every rank, gathered: float32 [T, size * N] whose columns [r N, (r + 1) N) are
+        rank r's product. What a Llama head split by vocabulary rows computes; backends may send each rank's
+        logits as its GEMV writes them (nccl on one node)."""
+        gathered = self.all_gather(linear(x, w))
+        return gathered.permute(1, 0, 2).reshape(x.shape[0], -1).float()
 
     def broadcast(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
         """Overwrite `tensor` on every rank with root's copy (in place); returns it."""

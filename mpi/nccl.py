@@ -18,6 +18,8 @@ the three in one kernel on symmetric memory of its own (`ringlet.kernels.reduce_
 peer, wait for theirs, sum, add, normalize), one launch where the unfused path makes three (copy, one-shot, norm).
 `row_parallel_linear` computes the partial sums that call reduces with `ringlet.kernels.gemv.linear_staged`, whose
 GEMV pushes each output tile to the peers as it finishes, so the reduce kernel that follows only waits and sums.
+`vocab_parallel_logits` does the same for the LM head split by vocabulary rows, with staging of its own
+(`GATHER_BYTES`) and `ringlet.kernels.gather_rows`, which waits for the peers' logits and writes the whole rows.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import socket
 
 import torch
 from ringlet.errors import ConfigError
+from ringlet.kernels.gather_rows import gather_rows
 from ringlet.kernels.gemv import linear_staged
 from ringlet.kernels.reduce_rms_norm import DTYPES, MAX_ROWS, PeerBuffers, reduce_add_rms_norm
 
@@ -52,6 +55,8 @@ def _address(world) -> str:
 # Largest all-reduce sent through symmetric memory by default (bytes); a rank's buffer per dtype is this size.
 ONE_SHOT_BYTES = 512 << 10
 _ONE_SHOT_DTYPES = (torch.bfloat16, torch.float32)  # torch's one-shot kernel is built for these two
+# vocab_parallel_logits' staging (bytes): 32 rows of a 32K vocabulary split two ways, 8 of a 128K one.
+GATHER_BYTES = 16 << 20
 
 
 class NCCLCommunicator(Communicator):
@@ -86,6 +91,7 @@ class NCCLCommunicator(Communicator):
         self.one_shot_bytes, self.one_shot_note = 0, "off"
         self._buffers: dict[torch.dtype, torch.Tensor] = {}
         self._peers: PeerBuffers | None = None  # reduce_add_rms_norm's staging, with one-shot
+        self._gather_peers: PeerBuffers | None = None  # vocab_parallel_logits' staging, with one-shot
         self._symmetric: tuple[torch.Tensor, ...] = ()
         self._staged: torch.Tensor | None = None  # row_parallel_linear's output, when the GEMV sent its rows
         warm = torch.ones(1, device=device)
@@ -109,12 +115,13 @@ class NCCLCommunicator(Communicator):
                     symm_mem.rendezvous(buf, group=self.pg.group_name)
                     self._buffers[dtype] = buf
                 self._peers = self._map_peers(symm_mem, 4 * self.size * nbytes)
+                self._gather_peers = self._map_peers(symm_mem, GATHER_BYTES)
             except Exception as e:  # an old torch, a driver without peer mappings: NCCL does it all
                 note = f"symmetric memory unavailable: {type(e).__name__}: {e}"
         notes = control.allgather(self.group, note)
         if any(n is not None for n in notes):
             self._buffers.clear()
-            self._peers, self._symmetric = None, ()
+            self._peers, self._gather_peers, self._symmetric = None, None, ()
             self.one_shot_note = next(n for n in notes if n is not None)
             return
         torch.cuda.synchronize(self.device)
@@ -130,14 +137,16 @@ class NCCLCommunicator(Communicator):
                                              1e-6)
         if not bool((summed == expected + 1).all()):
             raise RuntimeError(f"fused all-reduce check gave {summed.tolist()}, expected {expected + 1}")
+        gathered = gather_rows(partial, self._gather_peers)
+        if gathered.tolist() != [[float(r + 1) for r in range(self.size) for _ in range(8)]] * 2:
+            raise RuntimeError(f"staged all-gather check gave {gathered.tolist()}")
 
     def _map_peers(self, symm_mem, nbytes: int) -> PeerBuffers:
-        """reduce_add_rms_norm's staging (uint8 [nbytes], zeroed) in symmetric memory, every rank's as this rank
-        maps it."""
+        """Staging (uint8 [nbytes], zeroed) in symmetric memory, every rank's as this rank maps it."""
         staging = symm_mem.empty(nbytes, dtype=torch.uint8, device=self.device)
         staging.zero_()
         handle = symm_mem.rendezvous(staging, group=self.pg.group_name)
-        self._symmetric = (staging,)  # the allocation: the peers' views below do not keep it alive
+        self._symmetric += (staging,)  # the allocation: the peers' views below do not keep it alive
         return PeerBuffers(self.rank, [handle.get_buffer(r, (nbytes,), torch.uint8) for r in range(self.size)],
                            torch.zeros(MAX_ROWS, dtype=torch.int32, device=self.device))
 
@@ -170,6 +179,13 @@ class NCCLCommunicator(Communicator):
             raise RuntimeError("internal: rows staged by row_parallel_linear reached the unfused all-reduce")
         return super().reduce_add_rms_norm(x, residual, weight, eps)
 
+    def vocab_parallel_logits(self, x, w):
+        peers = self._gather_peers
+        if peers is None or x.dtype not in DTYPES or x.dim() != 2 or x.shape[0] > peers.max_rows(w.shape[0]):
+            return super().vocab_parallel_logits(x, w)
+        out, staged = linear_staged(x, w, peers)
+        return gather_rows(out, peers, staged)
+
     def broadcast(self, tensor, root=0):
         check_tensor(tensor, "broadcast")
         self._dist.broadcast(tensor, src=self._dist.get_global_rank(self.pg, root), group=self.pg)
@@ -186,7 +202,8 @@ class NCCLCommunicator(Communicator):
 
     def describe(self) -> dict:
         return {"backend": self.name, "size": self.size, "one_shot_bytes": self.one_shot_bytes,
-                "one_shot": self.one_shot_note, "fused_reduce_norm": self._peers is not None}
+                "one_shot": self.one_shot_note, "fused_reduce_norm": self._peers is not None,
+                "staged_gather": self._gather_peers is not None}
 
 
 def _one_shot_blocker(group, device: torch.device) -> str | None:

@@ -6,7 +6,10 @@ Per decoder layer, on rank r of a group of n:
 - column-parallel w13 [2 ffn, dim]: rows [r f, (r + 1) f) of the gate and of the up half, f = ffn / n;
 - row-parallel wo [dim, q] and w2 [dim, ffn]: the matching columns; their partial outputs are summed by one
   all-reduce each (`Llama.comm`), which is all the communication a forward needs.
-Embeddings, norms and the LM head stay whole on every rank (only rank 0 samples, from its full logits).
+Embeddings and norms stay whole on every rank. The output head is split by vocabulary rows when the vocabulary
+splits evenly and the head is a dense tensor (rank r keeps rows [r V / n, (r + 1) V / n)): each rank computes its
+slice of the logits and `comm.vocab_parallel_logits` gathers them, so the head's weight is read once per step
+over the group instead of once per rank; otherwise every rank keeps the whole head. Only rank 0 samples.
 Sizes that do not split evenly fail before anything is sharded, with a ConfigError naming the size.
 """
 from __future__ import annotations
@@ -75,7 +78,8 @@ def shard_layer(wqkv: torch.Tensor, wo: torch.Tensor, w13: torch.Tensor, w2: tor
 def apply_tp(model, tp: int, rank: int, comm):
     """Shard `model` (a built ringlet.model.Llama) in place for `rank` of `tp` ranks; returns it.
 
-    `comm` is the tensor-parallel group's communicator: the model calls `comm.all_reduce` after wo and w2.
+    `comm` is the tensor-parallel group's communicator: the model reduces through it after wo and w2, and gathers
+    the logits of a split head through it.
     """
     if tp == 1:
         return model
@@ -89,6 +93,13 @@ def apply_tp(model, tp: int, rank: int, comm):
     for layer in model.layers:
         layer.wqkv, layer.wo, layer.w13, layer.w2 = shard_layer(layer.wqkv, layer.wo, layer.w13, layer.w2, config,
                                                                 tp, rank)
+    if isinstance(model.output, torch.Tensor) and model.output.shape[0] % tp == 0:
+        vocab = model.output.shape[0]
+        rows = slice(rank * vocab // tp, (rank + 1) * vocab // tp)
+        # A head tied to the embeddings stays whole there (every rank embeds any token): keep a view of its rows.
+        tied = model.output is model.tok_embeddings
+        model.output = model.output[rows] if tied else model.output[rows].clone()
+        model.vocab_parallel = True
     model.config = local
     model.comm = comm
     return model

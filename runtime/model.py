@@ -16,6 +16,7 @@ from ringlet.kernels import (
     apply_rope,
     fused_add_rms_norm,
     linear,
+    linear_silu_mul,
     rms_norm,
     rope_cos_sin,
     rope_write_kv,
@@ -93,8 +94,10 @@ class Llama:
     `observer`, when set, is called as observer(name, x) with the input x [T, K] of every projection (calibration).
     `comm`, when set (tensor parallel: `ringlet.mpi.tp.apply_tp` shards the model and sets it), is any object with
     `all_reduce(tensor) -> tensor` that sums over the ranks in place, `row_parallel_linear(x, w)`, which computes
-    the partial outputs of the row-parallel wo and w2, and `reduce_add_rms_norm` (see
-    `ringlet.mpi.comm.Communicator`), which sums them and applies the residual add and RMSNorm that follow them.
+    the partial outputs of the row-parallel wo and w2, `reduce_add_rms_norm`, which sums them and applies the
+    residual add and RMSNorm that follow them, and `vocab_parallel_logits(x, w)`, which gathers every rank's
+    logits when `vocab_parallel` (apply_tp split the output head by vocabulary rows); see
+    `ringlet.mpi.comm.Communicator`.
     """
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device,
@@ -102,6 +105,7 @@ class Llama:
         self.config, self.device, self.dtype = config, device, dtype
         self.observer: Callable[[str, torch.Tensor], None] | None = None
         self.comm = None
+        self.vocab_parallel = False  # self.output holds this rank's rows of the head (set by apply_tp)
 
         def place(w: Linear) -> Linear:
             if isinstance(w, torch.Tensor):
@@ -167,17 +171,19 @@ class Llama:
             attn = self.attention[i](q, kv.k[i], kv.v[i], meta, kv.k_scale[i], kv.v_scale[i])
             h = self._project(i, 1, attn.view(t, cfg.q_size), layer.wo, partial=True)
             x, residual = self._add_norm(h, residual, layer.ffn_norm)
-            act = silu_mul(self._project(i, 2, x, layer.w13))
-            # The last layer's output goes to all_reduce below when logits_index is given, not to _add_norm.
-            last = i == len(self.layers) - 1 and logits_index is not None
-            h = self._project(i, 3, act, layer.w2, partial=not last)
-        if logits_index is not None:
-            if self.comm is not None:
-                h = self.comm.all_reduce(h)
+            act = self._project(i, 2, x, layer.w13, glu=True)
+            # On one rank, the final norm only needs the rows logits_index picks: see below.
+            pick_first = i == len(self.layers) - 1 and logits_index is not None and self.comm is None
+            h = self._project(i, 3, act, layer.w2, partial=not pick_first)
+        if pick_first:
             h, residual = h[logits_index], residual[logits_index]
             x, _ = fused_add_rms_norm(h, residual, self.norm, cfg.rms_eps)
-        else:
+        else:  # tensor parallel: reduced with the norm in one step over every row, as after the other layers
             x, _ = self._add_norm(h, residual, self.norm)
+            if logits_index is not None:
+                x = x[logits_index]
+        if self.vocab_parallel:
+            return self.comm.vocab_parallel_logits(x, self.output)
         return project(x, self.output).float()
 
     def _add_norm(self, h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
@@ -189,11 +195,15 @@ class Llama:
             return self.comm.reduce_add_rms_norm(h, residual, weight, self.config.rms_eps)
         return fused_add_rms_norm(h, residual, weight, self.config.rms_eps)
 
-    def _project(self, layer: int, which: int, x: torch.Tensor, w: Linear, partial: bool = False) -> torch.Tensor:
+    def _project(self, layer: int, which: int, x: torch.Tensor, w: Linear, partial: bool = False,
+                 glu: bool = False) -> torch.Tensor:
         """x @ w^T. partial: a row-parallel projection (wo, w2) whose output goes straight to `_add_norm`; under
-        tensor parallelism the communicator computes it, and may send the partial sums on as they are made."""
+        tensor parallelism the communicator computes it, and may send the partial sums on as they are made.
+        glu: w is the fused gate/up projection w13, and the result is silu_mul(x @ w^T) (one kernel for dense w)."""
         if self.observer is not None:
             self.observer(f"layers.{layer}.{LINEARS[which]}", x)
+        if glu:
+            return linear_silu_mul(x, w) if isinstance(w, torch.Tensor) else silu_mul(project(x, w))
         if partial and self.comm is not None and isinstance(w, torch.Tensor):
             return self.comm.row_parallel_linear(x, w)
         return project(x, w)

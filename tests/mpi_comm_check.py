@@ -2,7 +2,8 @@
 
 Rank 0 prints one JSON line per case: the largest error against a float64 numpy sum of every rank's input (each
 rank's input is regenerated from its seed), the tolerance for the dtype, whether every rank got the same bits, and
-whether all_reduce returned the very tensor it was given (the documented in-place contract).
+whether all_reduce returned the very tensor it was given (the documented in-place contract); then one line per
+backend for broadcast + all_gather and one for vocab_parallel_logits.
 """
 import hashlib
 import json
@@ -11,6 +12,7 @@ import sys
 import numpy as np
 import torch
 from mpi4py import MPI
+from ringlet.kernels import linear_ref
 from ringlet.mpi import control
 from ringlet.mpi.comm import make_communicator
 
@@ -63,6 +65,14 @@ def main() -> None:
                                                           for r in range(size))
                 print(json.dumps({"backend": name, "dtype": dtype, "op": "broadcast+all_gather",
                                   "ok": bool(ok_b and ok_g)}), flush=True)
+        # vocab_parallel_logits: rank r's rows of a head [size * 5, 8], its 3 rows of logits side by side
+        x = inputs(0, 3 * 8, "bfloat16").view(3, 8)
+        heads = [inputs(100 + r, 5 * 8, "bfloat16").view(5, 8) for r in range(size)]
+        logits = comm.vocab_parallel_logits(x, heads[rank])
+        if rank == 0:
+            expected = torch.cat([linear_ref(x, w) for w in heads], dim=1).float()
+            print(json.dumps({"backend": name, "op": "vocab_parallel_logits",
+                              "ok": logits.dtype == torch.float32 and torch.equal(logits, expected)}), flush=True)
         comm.barrier()
     if rank == 0:
         auto = comms.get("auto")

@@ -24,6 +24,8 @@ def test_all_reduce_equals_numpy_sum(n):
     assert not bad, bad
     others = [r for r in rows if r.get("op") == "broadcast+all_gather"]
     assert len(others) == 2 * (len(BACKENDS) + 1) and all(r["ok"] for r in others), others
+    heads = [r for r in rows if r.get("op") == "vocab_parallel_logits"]
+    assert len(heads) == len(BACKENDS) + 1 and all(r["ok"] for r in heads), heads
     [auto] = [r["auto"] for r in rows if "auto" in r]
     assert auto["nccl"] is False and set(auto["measured_s"]) == {"4096", "65536", "1048576", "4194304"}
 

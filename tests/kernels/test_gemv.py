@@ -30,3 +30,34 @@ def test_bad_weight_is_named():
         linear(torch.randn(1, 64), torch.randn(8, 32))
     with pytest.raises(ValueError, match="weight"):
         linear(torch.randn(1, 64), torch.randn(64, 8).T)
+
+
+@pytest.mark.parametrize("dtype,m", CASES)
+@pytest.mark.parametrize("f,k", [(17, 2100), (100, 256), (3, 300)])
+def test_linear_silu_mul(m, f, k, dtype, assert_close):
+    """f = 17 takes split-K in the interpreter, where the gate runs as its own kernel; f = 3 and 100 take the GEMV
+    with the gate in its epilogue. The interpreter runs one tiling for every launch, so the bits are those of
+    silu_mul after linear (on a GPU the tuner may tile the two differently)."""
+    from ringlet.kernels import linear_silu_mul, linear_silu_mul_ref, silu_mul
+
+    x = torch.randn(m, k + 3).to(dtype)[:, :k]
+    weight = (torch.randn(2 * f, k) / k ** 0.5).to(dtype)
+    out = linear_silu_mul(x, weight)
+    assert out.shape == (m, f) and out.dtype == dtype and out.is_contiguous()
+    assert torch.equal(out, silu_mul(linear(x, weight)))
+    assert_close(out, linear_silu_mul_ref(x, weight))
+
+
+def test_linear_silu_mul_ref_is_swiglu(assert_close):
+    from ringlet.kernels import linear_silu_mul_ref
+
+    x, gate, up = torch.randn(3, 40), torch.randn(7, 40), torch.randn(7, 40)
+    expected = torch.nn.functional.silu(x.double() @ gate.double().T) * (x.double() @ up.double().T)
+    assert_close(linear_silu_mul_ref(x, torch.cat([gate, up])), expected.float())
+
+
+def test_linear_silu_mul_needs_gate_and_up_rows():
+    from ringlet.kernels import linear_silu_mul
+
+    with pytest.raises(ValueError, match="even number of rows"):
+        linear_silu_mul(torch.randn(1, 64), torch.randn(7, 64))

@@ -1,0 +1,132 @@
+"""All-gather of row blocks through the peers' staging: a vocab-parallel LM head's logits under tensor parallelism.
+
+With the output head split by vocabulary rows, rank r computes logits[:, r N:(r + 1) N] ([T, N], N = vocab /
+world) and the step needs every column on the rank that samples. At decode sizes (T <= 16, N = 16000 on a 13B
+shape split two ways) that gather is pure latency, so it travels as `reduce_rms_norm`'s stamped 64-bit words, in
+`PeerBuffers` of its own (`gemv.linear_staged` writes them from the head's GEMV tile by tile), and one program per
+row then waits for every peer's words and writes the whole row in float32, rank r's block at columns [r N, (r + 1)
+N). The protocol (counts per row, two parities, no resetting) is the one in reduce_rms_norm's docstring; a call
+on rows [0, T) advances their counters by one.
+
+The buffers must not be shared with `reduce_add_rms_norm`: both index their slots by row and count, and a gather
+call's rows of N words lie over other rows of a reduce call's layout, whose counts may differ.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import check_tensor
+from ._dispatch import use_triton
+from .reduce_rms_norm import DTYPES, PeerBuffers, _send_tile, stage_rows_ref, unpack_words
+
+# Words one step of a program's loop moves (two 16-bit values each).
+_BLOCK_WORDS = 1024
+
+
+@triton.jit
+def _gather_rows_kernel(
+    x_ptr,  # [T, N] this rank's block, 16-bit floats
+    out_ptr,  # [T, WORLD * N] contiguous float32 output
+    table_ptr,  # [WORLD] int64 addresses of every rank's staging: int64 [2, WORLD, rows_cap, WD]
+    counters_ptr,  # [MAX_ROWS] int32 this rank's calls per row
+    N,  # columns per rank
+    rows_cap,  # rows each (parity, source rank) slot holds
+    stride_xt,  # row stride of x
+    RANK: tl.constexpr,  # this rank
+    WORLD: tl.constexpr,  # ranks in the group
+    BLOCK_W: tl.constexpr,  # words per loop step (power of two)
+    STAGED: tl.constexpr,  # x's words are already in the peers' staging (gemv.linear_staged): do not send
+):
+    row = tl.program_id(0)
+    count = tl.load(counters_ptr + row) + 1
+    tl.store(counters_ptr + row, count)
+    stamp = count.to(tl.int64) << 32
+    parity = count & 1
+    WD = (N + 1) // 2
+    out_row = out_ptr + row.to(tl.int64) * WORLD * N
+    one = tl.zeros([1], dtype=tl.int32)
+    # This rank's own block: copied out, and sent first unless the GEMV sent it, so no rank waits for a peer
+    # that is itself waiting before sending.
+    for w0 in range(0, WD, BLOCK_W):
+        cols = 2 * w0 + tl.arange(0, 2 * BLOCK_W)
+        x = tl.load(x_ptr + row.to(tl.int64) * stride_xt + cols, mask=cols < N, other=0.0)
+        if not STAGED:
+            _send_tile(tl.reshape(x, [1, 2 * BLOCK_W]), count + one, row + one, one == 0, 2 * w0, N, table_ptr,
+                       rows_cap, RANK, WORLD, 1, 2 * BLOCK_W)
+        tl.store(out_row + RANK * N + cols, x.to(tl.float32), mask=cols < N)
+    dtype = x_ptr.dtype.element_ty
+    mine = tl.load(table_ptr + RANK).to(tl.pointer_type(tl.int64))
+    for r in tl.static_range(WORLD):
+        if r != RANK:
+            slot = mine + ((parity * WORLD + r) * rows_cap + row).to(tl.int64) * WD
+            for w0 in range(0, WD, BLOCK_W):
+                pairs = w0 + tl.arange(0, BLOCK_W)
+                pair_mask = pairs < WD
+                # volatile: a peer writes these words; every read must go to memory, never to a cached line
+                got = tl.load(slot + pairs, mask=pair_mask, other=stamp, volatile=True)
+                while tl.sum(((got >> 32).to(tl.int32) != count).to(tl.int32), axis=0) > 0:
+                    got = tl.load(slot + pairs, mask=pair_mask, other=stamp, volatile=True)
+                data = got.to(tl.int32)  # the low 32 bits
+                lo_vals = data.to(tl.int16).to(dtype, bitcast=True)
+                hi_vals = (data >> 16).to(tl.int16).to(dtype, bitcast=True)
+                vals = tl.reshape(tl.join(lo_vals, hi_vals), [2 * BLOCK_W]).to(tl.float32)
+                cols = 2 * w0 + tl.arange(0, 2 * BLOCK_W)
+                tl.store(out_row + r * N + cols, vals, mask=cols < N)
+
+
+def _check(x: torch.Tensor, peers: PeerBuffers) -> None:
+    check_tensor("x", x, (None, None), DTYPES)
+    if peers.counters.device != x.device:
+        raise ValueError(f"peers must live on {x.device} (x's device), got {peers.counters.device}")
+    t, n = x.shape
+    cap = peers.max_rows(n)
+    if t > cap:
+        raise ValueError(f"{t} rows of {n} values do not fit the peers' staging buffers ({cap} rows at most)")
+
+
+def gather_rows(x: torch.Tensor, peers: PeerBuffers, staged: bool = False) -> torch.Tensor:
+    """Every rank's x side by side: out[:, r N:(r + 1) N] = rank r's x, as float32.
+
+    x [T, N] fp16/bf16 (last dim contiguous), T <= peers.max_rows(N) -> out [T, world * N] float32, contiguous.
+    Every rank of the group calls it with the same T and N (it waits for them); the counters of rows [0, T)
+    advance by one. staged: x came from `gemv.linear_staged` with these peers (returning True), which already
+    sent its words.
+    """
+    if not use_triton(x):
+        return gather_rows_ref(x, peers, staged)
+    _check(x, peers)
+    t, n = x.shape
+    out = torch.empty((t, peers.world * n), dtype=torch.float32, device=x.device)
+    if t == 0 or n == 0:
+        return out
+    block_w = min(_BLOCK_WORDS, triton.next_power_of_2((n + 1) // 2))
+    _gather_rows_kernel[(t,)](x, out, peers.table, peers.counters, n, peers.max_rows(n), x.stride(0),
+                              RANK=peers.rank, WORLD=peers.world, BLOCK_W=block_w, STAGED=staged,
+                              num_warps=max(1, min(block_w // 128, 8)))
+    return out
+
+
+def gather_rows_ref(x: torch.Tensor, peers: PeerBuffers, staged: bool = False) -> torch.Tensor:
+    """Torch reference for `gather_rows`: the same staging words and counters. The peers must already have staged
+    their rows for this call (a reference rank cannot wait for them): RuntimeError names the first that has not."""
+    _check(x, peers)
+    t, n = x.shape
+    if not staged:
+        stage_rows_ref(x, peers)
+    count = peers.counters[:t] + 1
+    peers.counters[:t] = count
+    parity = (count & 1).long()
+    rows = torch.arange(t, device=x.device)
+    mine = peers.staging(peers.rank, n)
+    blocks = []
+    for r in range(peers.world):
+        if r == peers.rank:
+            blocks.append(x.float())
+            continue
+        got = mine[parity, r, rows]
+        if bool(((got >> 32).to(torch.int32) != count[:, None]).any()):
+            raise RuntimeError(f"gather_rows_ref: rank {r} has not staged its rows for this call")
+        blocks.append(unpack_words(got, n, x.dtype).float())
+    return torch.cat(blocks, dim=1)
