@@ -3,9 +3,9 @@
 With the output head split by vocabulary rows, rank r computes logits[:, r N:(r + 1) N] ([T, N], N = vocab /
 world) and the step needs every column on the rank that samples. At decode sizes (T <= 16, N = 16000 on a 13B
 shape split two ways) that gather is pure latency, so it travels as `reduce_rms_norm`'s stamped 64-bit words, in
-`PeerBuffers` of its own (`gemv.linear_staged` writes them from the head's GEMV tile by tile), and one program per
-row then waits for every peer's words and writes the whole row in float32, rank r's block at columns [r N, (r + 1)
-N). The protocol (counts per row, two parities, no resetting) is the one in reduce_rms_norm's docstring; a call
+`PeerBuffers` of its own (`gemv.linear_staged` writes them from the head's GEMV tile by tile), and this kernel
+waits for every peer's words and writes whole rows in float32, rank r's block at columns [r N, (r + 1) N): one
+program per block of 512 words of a row when the GEMV sent them, one per row when the kernel sends them itself. The protocol (counts per row, two parities, no resetting) is the one in reduce_rms_norm's docstring; a call
 on rows [0, T) advances their counters by one.
 
 The buffers must not be shared with `reduce_add_rms_norm`: both index their slots by row and count, and a gather
@@ -21,8 +21,8 @@ from ._checks import check_tensor
 from ._dispatch import use_triton
 from .reduce_rms_norm import DTYPES, PeerBuffers, _send_tile, stage_rows_ref, unpack_words
 
-# Words one step of a program's loop moves (two 16-bit values each).
-_BLOCK_WORDS = 1024
+# Words one step of a program's loop moves (two 16-bit values each); with staged rows, also the words per program.
+_BLOCK_WORDS = 512
 
 
 @triton.jit
@@ -31,9 +31,11 @@ def _gather_rows_kernel(
     out_ptr,  # [T, WORLD * N] contiguous float32 output
     table_ptr,  # [WORLD] int64 addresses of every rank's staging: int64 [2, WORLD, rows_cap, WD]
     counters_ptr,  # [MAX_ROWS] int32 this rank's calls per row
+    tickets_ptr,  # [MAX_ROWS] int32 programs done with each row in this call (zero between calls)
     N,  # columns per rank
     rows_cap,  # rows each (parity, source rank) slot holds
     stride_xt,  # row stride of x
+    span,  # words of the row each program moves (the grid's second axis: ceil(ceil(N / 2) / span) programs)
     RANK: tl.constexpr,  # this rank
     WORLD: tl.constexpr,  # ranks in the group
     BLOCK_W: tl.constexpr,  # words per loop step (power of two)
@@ -41,15 +43,16 @@ def _gather_rows_kernel(
 ):
     row = tl.program_id(0)
     count = tl.load(counters_ptr + row) + 1
-    tl.store(counters_ptr + row, count)
     stamp = count.to(tl.int64) << 32
     parity = count & 1
     WD = (N + 1) // 2
+    w_lo = tl.program_id(1) * span
+    w_hi = tl.minimum(w_lo + span, WD)
     out_row = out_ptr + row.to(tl.int64) * WORLD * N
     one = tl.zeros([1], dtype=tl.int32)
-    # This rank's own block: copied out, and sent first unless the GEMV sent it, so no rank waits for a peer
-    # that is itself waiting before sending.
-    for w0 in range(0, WD, BLOCK_W):
+    # This rank's own block: copied out, and sent first unless the GEMV sent it (then every program's words are
+    # on their way before any program waits; unstaged, each row is one program, and all rows are resident).
+    for w0 in range(w_lo, w_hi, BLOCK_W):
         cols = 2 * w0 + tl.arange(0, 2 * BLOCK_W)
         x = tl.load(x_ptr + row.to(tl.int64) * stride_xt + cols, mask=cols < N, other=0.0)
         if not STAGED:
@@ -61,9 +64,9 @@ def _gather_rows_kernel(
     for r in tl.static_range(WORLD):
         if r != RANK:
             slot = mine + ((parity * WORLD + r) * rows_cap + row).to(tl.int64) * WD
-            for w0 in range(0, WD, BLOCK_W):
+            for w0 in range(w_lo, w_hi, BLOCK_W):
                 pairs = w0 + tl.arange(0, BLOCK_W)
-                pair_mask = pairs < WD
+                pair_mask = pairs < w_hi
                 # volatile: a peer writes these words; every read must go to memory, never to a cached line
                 got = tl.load(slot + pairs, mask=pair_mask, other=stamp, volatile=True)
                 while tl.sum(((got >> 32).to(tl.int32) != count).to(tl.int32), axis=0) > 0:
@@ -74,6 +77,10 @@ def _gather_rows_kernel(
                 vals = tl.reshape(tl.join(lo_vals, hi_vals), [2 * BLOCK_W]).to(tl.float32)
                 cols = 2 * w0 + tl.arange(0, 2 * BLOCK_W)
                 tl.store(out_row + r * N + cols, vals, mask=cols < N)
+    # Every program read the count before its ticket (acq_rel), so the last may advance it for the next call.
+    if tl.atomic_add(tickets_ptr + row, 1) == tl.num_programs(1) - 1:
+        tl.store(counters_ptr + row, count)
+        tl.store(tickets_ptr + row, 0)
 
 
 def _check(x: torch.Tensor, peers: PeerBuffers) -> None:
@@ -101,10 +108,12 @@ def gather_rows(x: torch.Tensor, peers: PeerBuffers, staged: bool = False) -> to
     out = torch.empty((t, peers.world * n), dtype=torch.float32, device=x.device)
     if t == 0 or n == 0:
         return out
-    block_w = min(_BLOCK_WORDS, triton.next_power_of_2((n + 1) // 2))
-    _gather_rows_kernel[(t,)](x, out, peers.table, peers.counters, n, peers.max_rows(n), x.stride(0),
-                              RANK=peers.rank, WORLD=peers.world, BLOCK_W=block_w, STAGED=staged,
-                              num_warps=max(1, min(block_w // 128, 8)))
+    words = (n + 1) // 2
+    block_w = min(_BLOCK_WORDS, triton.next_power_of_2(words))
+    span = block_w if staged else words
+    _gather_rows_kernel[(t, triton.cdiv(words, span))](
+        x, out, peers.table, peers.counters, peers.tickets, n, peers.max_rows(n), x.stride(0), span,
+        RANK=peers.rank, WORLD=peers.world, BLOCK_W=block_w, STAGED=staged, num_warps=max(1, min(block_w // 128, 4)))
     return out
 
 

@@ -60,6 +60,9 @@ class PeerBuffers:
     buffers: list[torch.Tensor]
     counters: torch.Tensor
     table: torch.Tensor = field(init=False)  # int64 [world]: the buffers' addresses, for the kernel
+    # int32 [MAX_ROWS]: programs of the current call that are done with a row, for kernels that split a row over
+    # several programs (gather_rows); the last one advances the row's counter and puts this back to zero.
+    tickets: torch.Tensor = field(init=False)
 
     def __post_init__(self):
         world = len(self.buffers)
@@ -71,6 +74,7 @@ class PeerBuffers:
         check_tensor("counters", self.counters, (MAX_ROWS,), (torch.int32,), layout="contiguous")
         self.table = torch.tensor([b.data_ptr() for b in self.buffers], dtype=torch.int64,
                                   device=self.counters.device)
+        self.tickets = torch.zeros_like(self.counters)
 
     @property
     def world(self) -> int:

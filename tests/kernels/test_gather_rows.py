@@ -44,6 +44,7 @@ def test_gather_rows_against_reference(world, rank, t, n, dtype):
         # The protocol's side effects match the reference's: counters, and the words sent to every peer.
         assert torch.equal(kernel_peers.counters, ref_peers.counters)
         assert int(kernel_peers.counters[0]) == count and int(kernel_peers.counters[t]) == 0
+        assert not kernel_peers.tickets.any()
         for r in range(world):
             assert torch.equal(kernel_peers.buffers[r], ref_peers.buffers[r])
             if r != rank:
@@ -52,10 +53,12 @@ def test_gather_rows_against_reference(world, rank, t, n, dtype):
                 assert bool(((sent >> 32) == count).all())
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 576, 96), (3, 101, 64), (16, 64, 200)])
+@pytest.mark.parametrize("m,n,k", [(1, 576, 96), (3, 101, 64), (16, 64, 200), (2, 2051, 64)])
 def test_linear_staged_sends_what_gather_rows_reads(m, n, k):
     """Two ranks in one process, each with its rows of a head: gemv.linear_staged writes each rank's logits into
-    the other's staging, and gather_rows with staged=True sends nothing more and returns both, for three calls."""
+    the other's staging, and gather_rows with staged=True sends nothing more and returns both, for three calls.
+    n = 2051 spreads each row over three programs (blocks of 512 words, the last partial): the last to finish
+    advances the row's counter."""
     from ringlet.kernels.gemv import linear_ref, linear_staged
 
     dtype = torch.float16  # the interpreter's tl.dot multiplies bf16 bit patterns (DESIGN.md, Tests)
@@ -74,7 +77,8 @@ def test_linear_staged_sends_what_gather_rows_reads(m, n, k):
             logits = gather_rows(outs[r], ranks[r], staged=True)
             assert all(torch.equal(a, b) for a, b in zip(before, buffers))
             assert torch.equal(logits, torch.cat(outs, dim=1).float())
-            assert int(ranks[r].counters[0]) == count
+            assert ranks[r].counters[:m].tolist() == [count] * m and int(ranks[r].counters[m]) == 0
+            assert not ranks[r].tickets.any()
         torch.testing.assert_close(outs[1], linear_ref(x, heads[1]), rtol=2e-3, atol=2e-3)
 
 
