@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ._checks import check_tensor
 from ._dispatch import use_triton
-from .reduce_rms_norm import DTYPES, PeerBuffers, _send_tile, stage_rows_ref, unpack_words
+from .reduce_rms_norm import DTYPES, PeerBuffers, _send_tile, exchange_rows_ref
 
 # Words one step of a program's loop moves (two 16-bit values each); with staged rows, also the words per program.
 _BLOCK_WORDS = 512
@@ -118,24 +118,7 @@ def gather_rows(x: torch.Tensor, peers: PeerBuffers, staged: bool = False) -> to
 
 
 def gather_rows_ref(x: torch.Tensor, peers: PeerBuffers, staged: bool = False) -> torch.Tensor:
-    """Torch reference for `gather_rows`: the same staging words and counters. The peers must already have staged
-    their rows for this call (a reference rank cannot wait for them): RuntimeError names the first that has not."""
+    """Torch reference for `gather_rows`: the same staging words and counters (see
+    `reduce_rms_norm.exchange_rows_ref`)."""
     _check(x, peers)
-    t, n = x.shape
-    if not staged:
-        stage_rows_ref(x, peers)
-    count = peers.counters[:t] + 1
-    peers.counters[:t] = count
-    parity = (count & 1).long()
-    rows = torch.arange(t, device=x.device)
-    mine = peers.staging(peers.rank, n)
-    blocks = []
-    for r in range(peers.world):
-        if r == peers.rank:
-            blocks.append(x.float())
-            continue
-        got = mine[parity, r, rows]
-        if bool(((got >> 32).to(torch.int32) != count[:, None]).any()):
-            raise RuntimeError(f"gather_rows_ref: rank {r} has not staged its rows for this call")
-        blocks.append(unpack_words(got, n, x.dtype).float())
-    return torch.cat(blocks, dim=1)
+    return torch.cat([rows.float() for rows in exchange_rows_ref(x, peers, staged, "gather_rows_ref")], dim=1)

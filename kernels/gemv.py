@@ -103,7 +103,7 @@ def _gemv_kernel(
 
     out = out_ptr + (pid_k * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
     vals = acc.to(out_ptr.dtype.element_ty)
-    if GLU:  # silu_mul's arithmetic on the rounded gate and up, so the result has the unfused path's bits
+    if GLU:  # silu_mul's arithmetic, on the gate and up rounded as the unfused path stores them
         gate = vals.to(tl.float32)
         vals = (gate * tl.sigmoid(gate) * up.to(out_ptr.dtype.element_ty).to(tl.float32)).to(vals.dtype)
     tl.store(out, vals, mask=m_valid[:, None] & (offs_n < N)[None, :])

@@ -280,12 +280,11 @@ def stage_rows_ref(x: torch.Tensor, peers: PeerBuffers) -> None:
             peers.staging(r, d)[parity, peers.rank, rows] = words
 
 
-def reduce_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                            peers: PeerBuffers, staged: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference for `reduce_add_rms_norm`: the same staging words and counters, step by step. The peers
-    must already have staged their rows for this call (a reference rank cannot wait for them): RuntimeError names
-    the first that has not."""
-    _check(x, residual, weight, peers)
+def exchange_rows_ref(x: torch.Tensor, peers: PeerBuffers, staged: bool, caller: str) -> list[torch.Tensor]:
+    """One call of the protocol on x [T, D] (16-bit), by torch: stage x's words for the peers (unless `staged`),
+    advance the counters of rows [0, T), and read the peers' words for this call -> every rank's rows [T, D], x's
+    dtype, in rank order (x itself at this rank's place). The peers must already have staged theirs (a reference
+    rank cannot wait): RuntimeError names `caller` and the first rank that has not."""
     t, d = x.shape
     if not staged:
         stage_rows_ref(x, peers)
@@ -294,13 +293,24 @@ def reduce_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: tor
     parity = (count & 1).long()
     rows = torch.arange(t, device=x.device)
     mine = peers.staging(peers.rank, d)
-    total = torch.zeros((t, d), dtype=torch.float32, device=x.device)
+    every = []
     for r in range(peers.world):
         if r == peers.rank:
-            total += x.float()
+            every.append(x)
             continue
         got = mine[parity, r, rows]
         if bool(((got >> 32).to(torch.int32) != count[:, None]).any()):
-            raise RuntimeError(f"reduce_add_rms_norm_ref: rank {r} has not staged its rows for this call")
-        total += unpack_words(got, d, x.dtype).float()
+            raise RuntimeError(f"{caller}: rank {r} has not staged its rows for this call")
+        every.append(unpack_words(got, d, x.dtype))
+    return every
+
+
+def reduce_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                            peers: PeerBuffers, staged: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference for `reduce_add_rms_norm`: the same staging words and counters, step by step (see
+    `exchange_rows_ref`)."""
+    _check(x, residual, weight, peers)
+    total = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for rows in exchange_rows_ref(x, peers, staged, "reduce_add_rms_norm_ref"):  # summed in rank order
+        total += rows.float()
     return fused_add_rms_norm_ref(total.to(x.dtype), residual, weight, eps)

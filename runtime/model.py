@@ -178,7 +178,7 @@ class Llama:
         if pick_first:
             h, residual = h[logits_index], residual[logits_index]
             x, _ = fused_add_rms_norm(h, residual, self.norm, cfg.rms_eps)
-        else:  # tensor parallel: reduced with the norm in one step over every row, as after the other layers
+        else:  # every row; under tensor parallelism reduced and normalized in one step, as after every layer
             x, _ = self._add_norm(h, residual, self.norm)
             if logits_index is not None:
                 x = x[logits_index]

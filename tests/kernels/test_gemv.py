@@ -33,10 +33,10 @@ def test_bad_weight_is_named():
 
 
 @pytest.mark.parametrize("dtype,m", CASES)
-@pytest.mark.parametrize("f,k", [(17, 2100), (100, 256), (3, 300)])
+@pytest.mark.parametrize("f,k", [(17, 2100), (100, 256)])
 def test_linear_silu_mul(m, f, k, dtype, assert_close):
-    """f = 17 takes split-K in the interpreter, where the gate runs as its own kernel; f = 3 and 100 take the GEMV
-    with the gate in its epilogue. The interpreter runs one tiling for every launch, so the bits are those of
+    """f = 17 takes split-K in the interpreter, where the gate runs as its own kernel; f = 100 takes the GEMV with
+    the gate in its epilogue. The interpreter runs one tiling for every launch, so the bits are those of
     silu_mul after linear (on a GPU the tuner may tile the two differently)."""
     from ringlet.kernels import linear_silu_mul, linear_silu_mul_ref, silu_mul
 

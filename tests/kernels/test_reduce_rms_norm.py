@@ -1,5 +1,6 @@
 import pytest
 import torch
+from peer_staging import copy_peers, group, stage_peers
 
 from ringlet.kernels.reduce_rms_norm import (
     MAX_ROWS,
@@ -14,36 +15,16 @@ from ringlet.kernels.rms_norm import fused_add_rms_norm_ref
 EPS = 1e-6
 
 
-def _group(world: int, rank: int, nbytes: int) -> PeerBuffers:
-    """`rank`'s view of a group whose memory is plain CPU tensors (one process plays every rank's memory)."""
-    return PeerBuffers(rank, [torch.zeros(nbytes, dtype=torch.uint8) for _ in range(world)],
-                       torch.zeros(MAX_ROWS, dtype=torch.int32))
-
-
-def _stage_peers(peers: PeerBuffers, partials: list[torch.Tensor], count: int) -> None:
-    """What every other rank does first in its call number `count`: write its partial rows, stamped with the
-    count, into this rank's staging (parity count & 1, its own slot)."""
-    t, d = partials[0].shape
-    mine = peers.staging(peers.rank, d)
-    for r, part in enumerate(partials):
-        if r != peers.rank:
-            mine[count & 1, r, :t] = pack_words(part, torch.full((t,), count, dtype=torch.int32))
-
-
-def _copy(peers: PeerBuffers) -> PeerBuffers:
-    return PeerBuffers(peers.rank, [b.clone() for b in peers.buffers], peers.counters.clone())
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("world,rank,t,d", [(2, 0, 1, 576), (3, 1, 5, 101), (2, 1, 17, 64), (2, 0, 2, 1)])
 def test_reduce_add_rms_norm_against_reference(world, rank, t, d, dtype, assert_close):
-    kernel_peers = _group(world, rank, 2 * world * 17 * 288 * 8 + 24)  # room for 17 rows of 576 and spare bytes
+    kernel_peers = group(world, rank, 2 * world * 17 * 288 * 8 + 24)  # room for 17 rows of 576 and spare bytes
     weight = torch.randn(d).to(dtype)
     for count in (1, 2, 3):  # both parities, and the first again
         partials = [(torch.randn(t, d) * 4).to(dtype) for _ in range(world)]
         residual = torch.randn(t, d + 3).to(dtype)[:, :d]
-        _stage_peers(kernel_peers, partials, count)
-        ref_peers = _copy(kernel_peers)
+        stage_peers(kernel_peers, partials, count)
+        ref_peers = copy_peers(kernel_peers)
         out, new_residual = reduce_add_rms_norm(partials[rank], residual, weight, EPS, kernel_peers)
         ref_out, ref_residual = reduce_add_rms_norm_ref(partials[rank], residual, weight, EPS, ref_peers)
         assert_close(new_residual, ref_residual)
@@ -70,10 +51,10 @@ def test_words_round_trip_every_bit_pattern():
 
 def test_reduce_add_rms_norm_ref_is_the_sum_of_partials(assert_close):
     world, t, d = 3, 4, 48
-    peers = _group(world, 2, 2 * world * t * (d // 2) * 8)
+    peers = group(world, 2, 2 * world * t * (d // 2) * 8)
     partials = [torch.randn(t, d).to(torch.float16) for _ in range(world)]
     residual, weight = torch.randn(t, d).to(torch.float16), torch.randn(d)
-    _stage_peers(peers, partials, 1)
+    stage_peers(peers, partials, 1)
     out, new_residual = reduce_add_rms_norm_ref(partials[2], residual, weight, EPS, peers)
     exact = (partials[0].float() + partials[1].float() + partials[2].float()).to(torch.float16)
     ref_out, ref_residual = fused_add_rms_norm_ref(exact, residual, weight, EPS)
@@ -82,16 +63,16 @@ def test_reduce_add_rms_norm_ref_is_the_sum_of_partials(assert_close):
 
 
 def test_reduce_add_rms_norm_ref_names_a_peer_that_has_not_staged():
-    peers = _group(3, 0, 8192)
+    peers = group(3, 0, 8192)
     x = torch.randn(2, 8).to(torch.bfloat16)
-    _stage_peers(peers, [x, x, x], 1)
+    stage_peers(peers, [x, x, x], 1)
     peers.staging(0, 8)[1, 2, 1, 3] = 0  # one word of rank 2's row 1 still holds no count
     with pytest.raises(RuntimeError, match="rank 2 has not staged"):
         reduce_add_rms_norm_ref(x, x, torch.ones(8), EPS, peers)
 
 
 def test_reduce_add_rms_norm_rejects_bad_input():
-    peers = _group(2, 0, 2 * 2 * 3 * 32 * 8)  # three rows of 64 values per parity and rank
+    peers = group(2, 0, 2 * 2 * 3 * 32 * 8)  # three rows of 64 values per parity and rank
     assert peers.max_rows(64) == 3
     x = torch.randn(4, 64).to(torch.bfloat16)
     with pytest.raises(ValueError, match="4 rows of 64"):
@@ -129,7 +110,7 @@ def test_linear_staged_sends_what_reduce_add_rms_norm_reads(m, n, k, assert_clos
         summed = (parts[0].float() + parts[1].float()).to(dtype)
         for r in range(2):
             before = [b.clone() for b in buffers]
-            unstaged = reduce_add_rms_norm(parts[r], residual, weight, EPS, _copy(ranks[r]))
+            unstaged = reduce_add_rms_norm(parts[r], residual, weight, EPS, copy_peers(ranks[r]))
             out, new_residual = reduce_add_rms_norm(parts[r], residual, weight, EPS, ranks[r], staged=True)
             assert all(torch.equal(a, b) for a, b in zip(before, buffers))
             assert torch.equal(new_residual, (summed.float() + residual.float()).to(dtype))
