@@ -5,8 +5,9 @@ world) and the step needs every column on the rank that samples. At decode sizes
 shape split two ways) that gather is pure latency, so it travels as `reduce_rms_norm`'s stamped 64-bit words, in
 `PeerBuffers` of its own (`gemv.linear_staged` writes them from the head's GEMV tile by tile), and this kernel
 waits for every peer's words and writes whole rows in float32, rank r's block at columns [r N, (r + 1) N): one
-program per block of 512 words of a row when the GEMV sent them, one per row when the kernel sends them itself. The protocol (counts per row, two parities, no resetting) is the one in reduce_rms_norm's docstring; a call
-on rows [0, T) advances their counters by one.
+program per block of 512 words of a row when the GEMV sent them, one per row when the kernel sends them itself.
+The protocol (counts per row, two parities, no resetting) is the one in reduce_rms_norm's docstring; a call on
+rows [0, T) advances their counters by one.
 
 The buffers must not be shared with `reduce_add_rms_norm`: both index their slots by row and count, and a gather
 call's rows of N words lie over other rows of a reduce call's layout, whose counts may differ.
@@ -17,9 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_tensor
 from ._dispatch import use_triton
-from .reduce_rms_norm import DTYPES, PeerBuffers, _send_tile, exchange_rows_ref
+from .reduce_rms_norm import PeerBuffers, check_rows, exchange_rows_ref, receive_words, send_tile
 
 # Words one step of a program's loop moves (two 16-bit values each); with staged rows, also the words per program.
 _BLOCK_WORDS = 512
@@ -43,7 +43,6 @@ def _gather_rows_kernel(
 ):
     row = tl.program_id(0)
     count = tl.load(counters_ptr + row) + 1
-    stamp = count.to(tl.int64) << 32
     parity = count & 1
     WD = (N + 1) // 2
     w_lo = tl.program_id(1) * span
@@ -56,7 +55,7 @@ def _gather_rows_kernel(
         cols = 2 * w0 + tl.arange(0, 2 * BLOCK_W)
         x = tl.load(x_ptr + row.to(tl.int64) * stride_xt + cols, mask=cols < N, other=0.0)
         if not STAGED:
-            _send_tile(tl.reshape(x, [1, 2 * BLOCK_W]), count + one, row + one, one == 0, 2 * w0, N, table_ptr,
+            send_tile(tl.reshape(x, [1, 2 * BLOCK_W]), count + one, row + one, one == 0, 2 * w0, N, table_ptr,
                        rows_cap, RANK, WORLD, 1, 2 * BLOCK_W)
         tl.store(out_row + RANK * N + cols, x.to(tl.float32), mask=cols < N)
     dtype = x_ptr.dtype.element_ty
@@ -66,31 +65,13 @@ def _gather_rows_kernel(
             slot = mine + ((parity * WORLD + r) * rows_cap + row).to(tl.int64) * WD
             for w0 in range(w_lo, w_hi, BLOCK_W):
                 pairs = w0 + tl.arange(0, BLOCK_W)
-                pair_mask = pairs < w_hi
-                # volatile: a peer writes these words; every read must go to memory, never to a cached line
-                got = tl.load(slot + pairs, mask=pair_mask, other=stamp, volatile=True)
-                while tl.sum(((got >> 32).to(tl.int32) != count).to(tl.int32), axis=0) > 0:
-                    got = tl.load(slot + pairs, mask=pair_mask, other=stamp, volatile=True)
-                data = got.to(tl.int32)  # the low 32 bits
-                lo_vals = data.to(tl.int16).to(dtype, bitcast=True)
-                hi_vals = (data >> 16).to(tl.int16).to(dtype, bitcast=True)
-                vals = tl.reshape(tl.join(lo_vals, hi_vals), [2 * BLOCK_W]).to(tl.float32)
+                vals = receive_words(slot + pairs, pairs < w_hi, count, dtype, BLOCK_W)
                 cols = 2 * w0 + tl.arange(0, 2 * BLOCK_W)
                 tl.store(out_row + r * N + cols, vals, mask=cols < N)
     # Every program read the count before its ticket (acq_rel), so the last may advance it for the next call.
     if tl.atomic_add(tickets_ptr + row, 1) == tl.num_programs(1) - 1:
         tl.store(counters_ptr + row, count)
         tl.store(tickets_ptr + row, 0)
-
-
-def _check(x: torch.Tensor, peers: PeerBuffers) -> None:
-    check_tensor("x", x, (None, None), DTYPES)
-    if peers.counters.device != x.device:
-        raise ValueError(f"peers must live on {x.device} (x's device), got {peers.counters.device}")
-    t, n = x.shape
-    cap = peers.max_rows(n)
-    if t > cap:
-        raise ValueError(f"{t} rows of {n} values do not fit the peers' staging buffers ({cap} rows at most)")
 
 
 def gather_rows(x: torch.Tensor, peers: PeerBuffers, staged: bool = False) -> torch.Tensor:
@@ -103,7 +84,7 @@ def gather_rows(x: torch.Tensor, peers: PeerBuffers, staged: bool = False) -> to
     """
     if not use_triton(x):
         return gather_rows_ref(x, peers, staged)
-    _check(x, peers)
+    check_rows(x, peers)
     t, n = x.shape
     out = torch.empty((t, peers.world * n), dtype=torch.float32, device=x.device)
     if t == 0 or n == 0:
@@ -120,5 +101,5 @@ def gather_rows(x: torch.Tensor, peers: PeerBuffers, staged: bool = False) -> to
 def gather_rows_ref(x: torch.Tensor, peers: PeerBuffers, staged: bool = False) -> torch.Tensor:
     """Torch reference for `gather_rows`: the same staging words and counters (see
     `reduce_rms_norm.exchange_rows_ref`)."""
-    _check(x, peers)
+    check_rows(x, peers)
     return torch.cat([rows.float() for rows in exchange_rows_ref(x, peers, staged, "gather_rows_ref")], dim=1)

@@ -26,6 +26,15 @@ _MIN_SPLIT_K = 1024
 _SMS_OFF_GPU = 4
 
 
+@triton.jit
+def _load_rows(rows, cols, k_end, EVEN_K: tl.constexpr):
+    """A [BLOCK_N, BLOCK_K] tile of weight rows (row pointers [BLOCK_N, 1]) at columns cols [BLOCK_K], zero past
+    k_end unless EVEN_K."""
+    if EVEN_K:
+        return tl.load(rows + cols[None, :])
+    return tl.load(rows + cols[None, :], mask=(cols < k_end)[None, :], other=0.0)
+
+
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % (args["BLOCK_K"] * args["SPLIT_K"]) == 0})
 @triton.jit
 def _gemv_kernel(
@@ -66,19 +75,14 @@ def _gemv_kernel(
         up2d = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k in range(k_start, k_end, BLOCK_K):
             cols = k + offs_k
+            w = _load_rows(w_rows, cols, k_end, EVEN_K)
             if EVEN_K:
-                w = tl.load(w_rows + cols[None, :])
                 xv = tl.load(x_ptr + cols)
             else:
-                w = tl.load(w_rows + cols[None, :], mask=(cols < k_end)[None, :], other=0.0)
                 xv = tl.load(x_ptr + cols, mask=cols < k_end, other=0.0)
             acc2d += w.to(tl.float32) * xv.to(tl.float32)[None, :]
             if GLU:
-                if EVEN_K:
-                    u = tl.load(up_rows + cols[None, :])
-                else:
-                    u = tl.load(up_rows + cols[None, :], mask=(cols < k_end)[None, :], other=0.0)
-                up2d += u.to(tl.float32) * xv.to(tl.float32)[None, :]
+                up2d += _load_rows(up_rows, cols, k_end, EVEN_K).to(tl.float32) * xv.to(tl.float32)[None, :]
         acc = tl.sum(acc2d, 1)[None, :]
         up = tl.sum(up2d, 1)[None, :]
     else:
@@ -87,19 +91,14 @@ def _gemv_kernel(
         x_rows = x_ptr + offs_m[:, None] * stride_xm
         for k in range(k_start, k_end, BLOCK_K):
             cols = k + offs_k
+            w = _load_rows(w_rows, cols, k_end, EVEN_K)
             if EVEN_K:
-                w = tl.load(w_rows + cols[None, :])
                 xv = tl.load(x_rows + cols[None, :], mask=m_valid[:, None], other=0.0)
             else:
-                w = tl.load(w_rows + cols[None, :], mask=(cols < k_end)[None, :], other=0.0)
                 xv = tl.load(x_rows + cols[None, :], mask=m_valid[:, None] & (cols < k_end)[None, :], other=0.0)
             acc += tl.dot(xv, tl.trans(w), input_precision=DOT_PRECISION)
             if GLU:
-                if EVEN_K:
-                    u = tl.load(up_rows + cols[None, :])
-                else:
-                    u = tl.load(up_rows + cols[None, :], mask=(cols < k_end)[None, :], other=0.0)
-                up += tl.dot(xv, tl.trans(u), input_precision=DOT_PRECISION)
+                up += tl.dot(xv, tl.trans(_load_rows(up_rows, cols, k_end, EVEN_K)), input_precision=DOT_PRECISION)
 
     out = out_ptr + (pid_k * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
     vals = acc.to(out_ptr.dtype.element_ty)

@@ -95,7 +95,7 @@ def _words(dim: int) -> int:
 
 
 @triton.jit
-def _send_tile(
+def send_tile(
     vals,  # [BLOCK_M, BLOCK_N] 16-bit floats: columns n0 .. n0 + BLOCK_N - 1 of rows `rows` (past D: ignored)
     count,  # [BLOCK_M] int32 the call these rows belong to
     rows,  # [BLOCK_M] int32 row numbers
@@ -143,7 +143,28 @@ def stage_tile(
     """Write a tile of this rank's partial rows into every peer's staging, as words of the call that
     `_reduce_add_rms_norm_kernel` makes next on those rows (step 1 of the module docstring, done early)."""
     count = tl.load(counters_ptr + rows, mask=row_mask, other=0) + 1
-    _send_tile(vals, count, rows, row_mask, n0, D, table_ptr, rows_cap, RANK, WORLD, BLOCK_M, BLOCK_N)
+    send_tile(vals, count, rows, row_mask, n0, D, table_ptr, rows_cap, RANK, WORLD, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def receive_words(
+    src,  # [BLOCK_W] pointers to int64 words of this rank's staging
+    mask,  # [BLOCK_W] words to read
+    count,  # int32 the call they must carry
+    dtype: tl.constexpr,  # the 16-bit float type they pack
+    BLOCK_W: tl.constexpr,
+):
+    """Step 2 of the module docstring for a block of words: spin until every masked word carries `count`, then
+    unpack -> [2 BLOCK_W] float32 values (those of masked-off words are zero)."""
+    stamp = count.to(tl.int64) << 32
+    # volatile: a peer writes these words; every read must go to memory, never to a cached line
+    got = tl.load(src, mask=mask, other=stamp, volatile=True)
+    while tl.sum(((got >> 32).to(tl.int32) != count).to(tl.int32), axis=0) > 0:
+        got = tl.load(src, mask=mask, other=stamp, volatile=True)
+    data = got.to(tl.int32)  # the low 32 bits (zero in masked-off words, which hold the bare stamp)
+    lo_vals = data.to(tl.int16).to(dtype, bitcast=True)
+    hi_vals = (data >> 16).to(tl.int16).to(dtype, bitcast=True)
+    return tl.reshape(tl.join(lo_vals, hi_vals), [2 * BLOCK_W]).to(tl.float32)
 
 
 @triton.jit
@@ -175,13 +196,12 @@ def _reduce_add_rms_norm_kernel(
     dtype = x_ptr.dtype.element_ty
     count = tl.load(counters_ptr + row) + 1
     tl.store(counters_ptr + row, count)
-    stamp = count.to(tl.int64) << 32
     parity = count & 1
 
     x = tl.load(x_ptr + row.to(tl.int64) * stride_xt + cols, mask=mask, other=0.0)
     if not STAGED:
         one = tl.zeros([1], dtype=tl.int32)
-        _send_tile(tl.reshape(x, [1, BLOCK_D]), count + one, row + one, one == 0, 0, D, table_ptr, rows_cap, RANK,
+        send_tile(tl.reshape(x, [1, BLOCK_D]), count + one, row + one, one == 0, 0, D, table_ptr, rows_cap, RANK,
                    WORLD, 1, BLOCK_D)
 
     mine = tl.load(table_ptr + RANK).to(tl.pointer_type(tl.int64))
@@ -191,14 +211,7 @@ def _reduce_add_rms_norm_kernel(
             total += x.to(tl.float32)
         else:
             src = mine + ((parity * WORLD + r) * rows_cap + row).to(tl.int64) * WD + pairs
-            # volatile: a peer writes these words; every read must go to memory, never to a cached line
-            got = tl.load(src, mask=pair_mask, other=stamp, volatile=True)
-            while tl.sum(((got >> 32).to(tl.int32) != count).to(tl.int32), axis=0) > 0:
-                got = tl.load(src, mask=pair_mask, other=stamp, volatile=True)
-            data = got.to(tl.int32)  # the low 32 bits
-            lo_vals = data.to(tl.int16).to(dtype, bitcast=True)
-            hi_vals = (data >> 16).to(tl.int16).to(dtype, bitcast=True)
-            total += tl.reshape(tl.join(lo_vals, hi_vals), [BLOCK_D]).to(tl.float32)
+            total += receive_words(src, pair_mask, count, dtype, HALF)
     reduced = total.to(dtype).to(tl.float32)
     res = tl.load(residual_ptr + row.to(tl.int64) * stride_rt + cols, mask=mask, other=0.0).to(tl.float32)
     summed = (reduced + res).to(residual_out_ptr.dtype.element_ty)
@@ -209,19 +222,25 @@ def _reduce_add_rms_norm_kernel(
     tl.store(out_ptr + row.to(tl.int64) * D + cols, (h * inv_rms * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _check(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, peers: PeerBuffers) -> None:
+def check_rows(x: torch.Tensor, peers: PeerBuffers) -> None:
+    """x [T, D] fp16/bf16 rows that one call can move through peers' staging (ValueError otherwise)."""
     check_tensor("x", x, (None, None), DTYPES)
+    if peers.counters.device != x.device:
+        raise ValueError(f"peers must live on {x.device} (x's device), got {peers.counters.device}")
+    t, d = x.shape
+    cap = peers.max_rows(d)
+    if t > cap:
+        raise ValueError(f"{t} rows of {d} values do not fit the peers' staging buffers ({cap} rows at most)")
+
+
+def _check(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, peers: PeerBuffers) -> None:
+    check_rows(x, peers)
     t, d = x.shape
     check_tensor("residual", residual, (t, d), (x.dtype,), x.device)
     check_tensor("weight", weight, (d,), (torch.float16, torch.bfloat16, torch.float32), x.device,
                  layout="contiguous")
-    if peers.counters.device != x.device:
-        raise ValueError(f"peers must live on {x.device} (x's device), got {peers.counters.device}")
     if d > _MAX_DIM:
         raise ValueError(f"x rows must have at most {_MAX_DIM} elements, got {d}")
-    cap = peers.max_rows(d)
-    if t > cap:
-        raise ValueError(f"{t} rows of {d} values do not fit the peers' staging buffers ({cap} rows at most)")
 
 
 def reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
