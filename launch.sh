@@ -178,28 +178,46 @@ esac
 if [[ $impl != mpich ]]; then
     exec "$mpirun_path" "${args[@]}" "${extra[@]}" "${cmd[@]}"
 fi
-# Hydra reports a rank that died by its PID only (on stdout: "PID 1234 RUNNING AT node1 / EXIT CODE: 9") and ends
-# the other ranks at once, before they could say anything. ringlet's rank 0 writes "PID HOST RANK" lines to
-# RINGLET_RANK_MAP at start-up; this filter passes both streams through unchanged and adds one line naming the rank
-# on stderr. The filters read mpirun's streams from two FIFOs as background jobs, so that (a) launch.sh exits only
-# after both have written everything (a caller that reads a log file when launch.sh ends finds it complete), and
-# (b) Ctrl-C does not reach them (a non-interactive shell starts background jobs with SIGINT ignored): mpirun
-# forwards it to the ranks and the filters pass on what the ranks print until the end.
+# Hydra reports a failed job by one PID (on stdout: "PID 1234 RUNNING AT node1 / EXIT CODE: 9"), not always the
+# rank that failed first: it kills the others at once and names whichever it collects first. So every rank runs
+# under ringlet.mpi.rank_guard, its parent, which appends "PID signal N" or "PID exit N" to RINGLET_DEATHS when its
+# rank fails; ringlet's rank 0 writes "PID HOST RANK PPID" lines to RINGLET_RANK_MAP at start-up. This filter passes
+# both streams through unchanged and, after hydra's report, adds one line on stderr naming the first rank in
+# RINGLET_DEATHS (else the rank whose pid or guard's pid hydra gave). The filters read mpirun's streams from two
+# FIFOs as background jobs, so that (a) launch.sh exits only after both have written everything (a caller that
+# reads a log file when launch.sh ends finds it complete), and (b) Ctrl-C does not reach them (a non-interactive
+# shell starts background jobs with SIGINT ignored): mpirun forwards it to the ranks and the filters pass on what
+# the ranks print until the end.
 work=$(mktemp -d "${TMPDIR:-/tmp}/ringlet-launch.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-export RINGLET_RANK_MAP=$work/ranks
+export RINGLET_RANK_MAP=$work/ranks RINGLET_DEATHS=$work/deaths
 : >"$RINGLET_RANK_MAP"
 mkfifo "$work/out" "$work/err"
+cmd=("$py" -m ringlet.mpi.rank_guard "$RINGLET_DEATHS" -- "${cmd[@]}")
 name_rank='
+    function ended(status, code) {
+        if (status == "exit") return "exited with code " code
+        if (code == 9) return "was killed (SIGKILL)"
+        return "was killed by signal " code (code in signame ? " (" signame[code] ")" : "")
+    }
+    BEGIN { split("HUP INT QUIT ILL TRAP ABRT BUS FPE KILL USR1 SEGV USR2 PIPE ALRM TERM", s, " ")
+            for (i in s) signame[i] = "SIG" s[i] }
     { print; fflush() }
-    /^=+ +PID [0-9]+ RUNNING AT / { pid = $3; host = $6 }
+    /^=+ +PID [0-9]+ RUNNING AT / { pid = $3 }
     /^=+ +EXIT CODE: / && pid != "" {
+        dead = ""; status = "exit"; code = $4
+        if ((getline line < deaths) > 0) { split(line, d, " "); dead = d[1]; status = d[2]; code = d[3] }
+        close(deaths)
         rank = ""
-        while ((getline line < map) > 0) { split(line, f, " "); if (f[1] == pid) rank = f[3] }
+        while ((getline line < map) > 0) {
+            split(line, f, " ")
+            if (dead != "" ? (f[1] == dead) : (f[1] == pid || f[4] == pid)) { rank = f[3]; host = f[2]; who = f[1] }
+        }
         close(map)
         if (rank != "") {
-            how = ($4 == 9 || $4 == 137) ? "was killed (SIGKILL)" : "exited with code " $4
-            print "ringlet: rank " rank " (pid " pid " on " host ") " how "; mpirun ended the other ranks" > "/dev/stderr"
+            if (dead == "" && (code == 9 || code == 137)) status = "signal"
+            print "ringlet: rank " rank " (pid " who " on " host ") " ended(status, code == 137 ? 9 : code) \
+                "; mpirun ended the other ranks" > "/dev/stderr"
             fflush("/dev/stderr")
         }
         pid = ""
@@ -207,9 +225,9 @@ name_rank='
 # mawk (Debian's default awk) reads a pipe in 4 KiB blocks unless told to go line by line.
 awk_flags=()
 awk -W version 2>&1 | grep -qi mawk && awk_flags=(-W interactive)
-awk "${awk_flags[@]}" -v map="$RINGLET_RANK_MAP" "$name_rank" <"$work/out" &
+awk "${awk_flags[@]}" -v map="$RINGLET_RANK_MAP" -v deaths="$RINGLET_DEATHS" "$name_rank" <"$work/out" &
 out_filter=$!
-awk "${awk_flags[@]}" -v map="$RINGLET_RANK_MAP" "$name_rank" <"$work/err" >&2 &
+awk "${awk_flags[@]}" -v map="$RINGLET_RANK_MAP" -v deaths="$RINGLET_DEATHS" "$name_rank" <"$work/err" >&2 &
 err_filter=$!
 set +e
 "$mpirun_path" "${args[@]}" "${extra[@]}" "${cmd[@]}" >"$work/out" 2>"$work/err"

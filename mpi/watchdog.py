@@ -2,7 +2,8 @@
 
 - A rank that raises prints `ringlet: rank R failed: TYPE: MESSAGE` and calls MPI Abort, which ends every rank.
 - A rank that is killed (SIGKILL, the OOM killer) is noticed by the launcher, which ends the others: MPICH's hydra
-  and Open MPI's mpirun both do, and SLURM ends the step. launch.sh names the rank in hydra's report (see there).
+  and Open MPI's mpirun both do, and SLURM ends the step. Under hydra, launch.sh names the rank (see there and
+  rank_guard.py).
 - A rank that stops without dying (a hang, SIGSTOP, a lost node under a launcher that does not notice) stops
   sending heartbeats: a thread on every rank sends one per `interval` seconds on a private communicator, rank 0
   hears from every rank and every other rank hears from rank 0; after `timeout` seconds of silence the listener
@@ -36,8 +37,9 @@ class RankError(RingletError):
 
 
 def identify(comm) -> list[dict]:
-    """Every rank's {"rank", "pid", "host"}, in rank order (one allgather)."""
-    return control.allgather(comm, {"rank": comm.Get_rank(), "pid": os.getpid(), "host": socket.gethostname()})
+    """Every rank's {"rank", "pid", "ppid", "host"}, in rank order (one allgather)."""
+    return control.allgather(comm, {"rank": comm.Get_rank(), "pid": os.getpid(), "ppid": os.getppid(),
+                                    "host": socket.gethostname()})
 
 
 class Watchdog:
@@ -58,7 +60,7 @@ class Watchdog:
         if path and self.rank == 0:  # launch.sh names a dead rank from this map (see there)
             try:
                 with open(path, "w") as f:
-                    f.writelines(f"{r['pid']} {r['host']} {r['rank']}\n" for r in self.ranks)
+                    f.writelines(f"{r['pid']} {r['host']} {r['rank']} {r['ppid']}\n" for r in self.ranks)
             except OSError:
                 pass
         self.peers = [r for r in range(self.size) if r != self.rank] if self.rank == 0 else [0]

@@ -19,7 +19,7 @@ LAUNCH = str(REPO / "launch.sh")
 # from the shell that runs pytest (say, pytest started under srun or mpirun). A site's MPI settings (OMPI_MCA_*,
 # HYDRA_*, MPI4PY_LIBMPI) stay: the machine may need them to launch at all.
 PLACE_PREFIXES = ("PMI_", "PMIX_", "OMPI_COMM_WORLD_", "OMPI_UNIVERSE_SIZE", "MPI_LOCALNRANKS", "MPI_LOCALRANKID",
-                  "SLURM_", "RINGLET_MPIRUN", "RINGLET_SRUN_MPI", "RINGLET_RANK_MAP")
+                  "SLURM_", "RINGLET_MPIRUN", "RINGLET_SRUN_MPI", "RINGLET_RANK_MAP", "RINGLET_DEATHS")
 
 
 def mpirun_path() -> str:
@@ -70,7 +70,8 @@ def _parent(pid: int) -> int:
 
 def rank_pid(ancestor: int, rank: int, deadline: float = 30) -> int:
     """The pid of MPI rank `rank` among the descendants of `ancestor` (hydra sets PMI_RANK in each rank's
-    environment; ranks run in sessions of their own, so ancestry is what ties them to the test's launch)."""
+    environment; ranks run in sessions of their own, so ancestry is what ties them to the test's launch): the rank
+    itself, not launch.sh's rank_guard above it."""
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         for entry in Path("/proc").iterdir():
@@ -78,7 +79,8 @@ def rank_pid(ancestor: int, rank: int, deadline: float = 30) -> int:
                 continue
             try:
                 environ = (entry / "environ").read_bytes().split(b"\0")
-                if f"PMI_RANK={rank}".encode() not in environ or b"ringlet" not in (entry / "cmdline").read_bytes():
+                cmdline = (entry / "cmdline").read_bytes()
+                if f"PMI_RANK={rank}".encode() not in environ or b"ringlet" not in cmdline or b"rank_guard" in cmdline:
                     continue
                 pid = int(entry.name)
                 while pid > 1 and pid != ancestor:
