@@ -34,6 +34,10 @@ _MIN_SPLIT_KEYS = 128
 # program per head takes them all: splitting would save less than the merge kernel costs (H200, local:256 at
 # B=16: 20 us against 24 us split in two). At batch 1 splitting still pays (9 us against 7 us).
 _ONE_SPLIT_KEYS = 512
+# The merge is a kernel of its own. Merging in the split kernel instead (the last split program of each head group,
+# counted by an atomic after a barrier, reads the partials back from L2) measured slower in CUDA graphs on an H200
+# (2026-11-27): 0.3-1 us a call at batch 1 (dense bf16 at 4K 23.2 against 21.5 us), and TP-2 13B decode 1.650x /
+# 1.680x one GPU against 1.661x / 1.725x; the tail's barrier, atomic and dependent loads cost more than a launch.
 # Off the GPU (the interpreter in tests) use a fixed split count, so the merge of several partials is exercised.
 _SPLITS_OFF_GPU = 4
 # The row kernel (one query head per program, _attend_rows) is split into at most this many programs per SM,
