@@ -3,6 +3,7 @@
     python bench/attention.py [--out PATH]   # on an H100/H200: about 3 minutes
     python bench/attention.py --only decode  # only the decode rows (every pattern, and the SDPA peers)
     python bench/attention.py --only decode-peer  # only dense decode at 32K (bf16, FP8) against SDPA: seconds
+    python bench/attention.py --only splits  # decode at batch 8 / 16, short contexts: chosen vs forced split counts
     python bench/attention.py --smoke        # on the CPU through Triton's interpreter, tiny sizes: does it run?
     python bench/attention.py --fp8-granularity  # CPU: FP8 scale granularity, attention error on the bundled model
 
@@ -206,6 +207,41 @@ def bench_prefill(bench: Bench, s: Sizes, rows: list) -> None:
             bench.free()
 
 
+SPLIT_SHAPES = [(heads, context, batch) for heads in (20, 32, 40) for context in (1024, 2048) for batch in (8, 16)]
+FORCED_SPLITS = [1, 2, 3, 4, 6, 8]
+
+
+def bench_splits(bench: Bench, rows: list) -> None:
+    """Dense decode at batch 8 and 16, 1K and 2K keys, 20 / 32 / 40 heads of 128 (a TP-2 13B rank, 7B, 13B), bf16
+    and FP8 pages: the launcher's own split count against each forced one (decode_attention._num_splits)."""
+    splits_module = sys.modules[rk.decode_attention.__module__]
+    chosen = splits_module._num_splits
+    for heads, context, batch in SPLIT_SHAPES:
+        s = replace(GPU, heads=heads, contexts=[context], decode_batches=[batch])
+        lens = torch.full((batch,), context, device=bench.device, dtype=torch.int32)
+        queries = [bench.rand(batch, heads, s.head_dim, dtype=s.dtype) for _ in range(s.sets)]
+        for cache in ("bf16", "fp8"):
+            pool = Pool(bench, s, batch, context, cache == "fp8")
+            sets = list(zip(queries, pool.tables))
+            times = {}
+            for forced in [None, *FORCED_SPLITS]:
+                splits_module._num_splits = chosen if forced is None else (lambda *args, n=forced: n)
+                try:
+                    times[forced or "auto"] = bench.time_us(
+                        lambda q, t, pool=pool, lens=lens: rk.decode_attention(q, pool.k, pool.v, t, lens,
+                                                                               s.head_dim ** -0.5, **pool.scales),
+                        sets)
+                finally:
+                    splits_module._num_splits = chosen
+            best = min(FORCED_SPLITS, key=lambda n: times[n])
+            _row(bench, rows, f"splits dense {cache} H={heads} B={batch} ctx={context}", times["auto"],
+                 kind="splits", cache=cache, heads=heads, batch=batch, context=context, best_splits=best,
+                 best_us=times[best], vs_best=times["auto"] / times[best],
+                 forced_us={str(n): times[n] for n in FORCED_SPLITS})
+            del pool, sets
+            bench.free()
+
+
 def _table(rows: list) -> str:
     lines = [f"{'row':<62} {'us':>9} {'dense us':>9} {'keep':>7} {'ratio':>6} {'SDPA us':>9} {'speedup':>7}"]
     for r in rows:
@@ -302,9 +338,10 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny sizes")
     parser.add_argument("--fp8-granularity", action="store_true", help="CPU: FP8 scale granularity study")
     parser.add_argument("--text", help="text file for --fp8-granularity (default: a repeated sentence)")
-    parser.add_argument("--only", choices=["decode", "decode-peer"],
+    parser.add_argument("--only", choices=["decode", "decode-peer", "splits"],
                         help="decode: every decode row, no prefill; decode-peer: only dense decode at the "
-                             "FP8-vs-SDPA context (bf16 and FP8 pages, SDPA)")
+                             "FP8-vs-SDPA context (bf16 and FP8 pages, SDPA); splits: decode at batch 8 and 16, "
+                             "short contexts, the launcher's split count against forced ones")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/attention-<gpu>-<date>.json)")
     args = parser.parse_args()
     if args.fp8_granularity:
@@ -315,7 +352,10 @@ def main() -> int:
         sizes = replace(sizes, contexts=[sizes.fp8_peer_context], patterns={})
     rows = []
     start = time.perf_counter()
-    bench_decode(bench, sizes, rows)
+    if args.only == "splits":
+        bench_splits(bench, rows)
+    else:
+        bench_decode(bench, sizes, rows)
     if not args.only:
         bench_prefill(bench, sizes, rows)
     return bench_kernels.finish(bench, "attention", gpu, date, args.out, time.perf_counter() - start,

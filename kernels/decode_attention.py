@@ -2,6 +2,7 @@
 programs, partials merged by log-sum-exp. Caches are bf16/fp16/fp32, or FP8 e4m3 with per-(token, head) scales."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -26,8 +27,11 @@ from .patterns import (
     window_start,
 )
 
-# Aim for this many split programs per SM so that uneven splits still balance across the GPU.
+# The tl.dot kernel's programs that run on one SM at once: the split count is chosen by how the programs fill
+# waves of these slots (_fill_waves).
 _PROGRAMS_PER_SM = 4
+# _fill_waves: splits tried when the batch alone takes more than one wave.
+_MAX_WAVE_SPLITS = 8
 # Never split finer than this many keys: each split's partial costs a write and a read in the merge.
 _MIN_SPLIT_KEYS = 128
 # Up to this many visited keys (a local window, a short prompt), when the batch alone nearly fills the GPU, one
@@ -40,8 +44,8 @@ _ONE_SPLIT_KEYS = 512
 # 1.680x one GPU against 1.661x / 1.725x; the tail's barrier, atomic and dependent loads cost more than a launch.
 # Off the GPU (the interpreter in tests) use a fixed split count, so the merge of several partials is exercised.
 _SPLITS_OFF_GPU = 4
-# The row kernel (one query head per program, _attend_rows) is split into at most this many programs per SM,
-# rounded down, so that they run in one wave: 4 of 4 warps fit (128 registers a thread). H200, FP8 at 32K, B=1:
+# The row kernel's (one query head per program, _attend_rows) program slots per SM, as _PROGRAMS_PER_SM: 4 of 4
+# warps fit (128 registers a thread). H200, FP8 at 32K, B=1:
 # 16 splits (512 programs) 71.5 us; 3 per SM with 3 stages (smem-bound) 73.1 us, and at B=16 its 512 programs
 # take 1.3 waves: 1198 us against 1069 us.
 _ROW_PROGRAMS_PER_SM = 4
@@ -348,17 +352,30 @@ def _decode_merge_kernel(
 def _num_splits(batch: int, programs_per_seq: int, max_visited: int, block_n: int, use_dot: bool,
                 device: torch.device) -> int:
     """Splits of each query's visited keys, from shapes alone (reading seq_lens would sync the host and break CUDA
-    graph capture): enough programs to fill the GPU (tl.dot path), or at most one wave of them (row path), each
-    split at least _MIN_SPLIT_KEYS keys."""
+    graph capture): as many programs as fill the GPU's program slots best (_fill_waves), each split at least
+    _MIN_SPLIT_KEYS keys."""
     if device.type != "cuda":
         return max(1, min(_SPLITS_OFF_GPU, triton.cdiv(max_visited, block_n)))
-    if use_dot:
-        wanted = triton.cdiv(_PROGRAMS_PER_SM * sm_count(device), batch * programs_per_seq)
-    else:
-        wanted = max(1, _ROW_PROGRAMS_PER_SM * sm_count(device) // (batch * programs_per_seq))
+    most = max(1, triton.cdiv(max_visited, _MIN_SPLIT_KEYS))
+    per_sm = _PROGRAMS_PER_SM if use_dot else _ROW_PROGRAMS_PER_SM
+    wanted = _fill_waves(batch * programs_per_seq, per_sm * sm_count(device))
     if max_visited <= _ONE_SPLIT_KEYS and wanted <= 2:
         return 1
-    return max(1, min(wanted, triton.cdiv(max_visited, _MIN_SPLIT_KEYS)))
+    return min(wanted, most)
+
+
+@functools.lru_cache(maxsize=1024)
+def _fill_waves(programs: int, slots: int) -> int:
+    """Splits of `programs` (head groups x batch) over `slots` program slots: while they fit one wave, the most
+    splits that keep them within it (half full at least: at least one split does); past one wave, the fewest splits
+    (up to _MAX_WAVE_SPLITS) whose last wave is the fullest. H200, 2026-11-27, bf16 pages at B = 8 and 16, 20 to 40
+    heads, 1K and 2K keys, 528 slots: a last wave barely begun costs nearly a whole one (40 heads at B = 16: 640
+    programs, 1.2 waves, 101 us; split 4 ways, 4.85 waves, 88.5 us), and one wave from half full up runs at full
+    bandwidth (20 heads at B = 16: 320 programs 45 us, against 52 us split in two; at B = 8, 480 programs 26 us,
+    against 35 us unsplit and 29 us split 4 ways)."""
+    if programs <= slots:
+        return max(1, slots // programs)
+    return min(range(1, _MAX_WAVE_SPLITS + 1), key=lambda s: math.ceil(programs * s / slots) / (programs * s / slots))
 
 
 def _config(head_dim: int, dtype: torch.dtype, device: torch.device, fp8: bool,

@@ -1,7 +1,11 @@
+import importlib
+
 import pytest
 import torch
 
 from ringlet.kernels import decode_attention, decode_attention_ref
+
+decode_module = importlib.import_module("ringlet.kernels.decode_attention")  # the package exports the function
 
 # Awkward lengths around the 16-token page, and a padding row (length 0) as CUDA-graph batches have.
 SEQ_LENS = [17, 1, 0, 15, 16, 33, 100]
@@ -51,3 +55,14 @@ def test_bad_arguments_are_named(paged_kv):
         decode_attention(q, k_cache, v_cache, block_tables, torch.tensor([5], dtype=torch.int32), 0.25)
     with pytest.raises(ValueError, match="seq_lens"):
         decode_attention(q[:, :2], k_cache, v_cache, block_tables, torch.tensor([5]), 0.25)
+
+
+@pytest.mark.parametrize("programs", [1, 7, 32, 160, 264, 265, 320, 480, 528])
+def test_splits_fill_one_wave_at_least_half(programs):
+    splits = decode_module._fill_waves(programs, 528)
+    assert 264 <= programs * splits <= 528 or (splits == 1 and programs <= 528)
+
+
+def test_splits_past_one_wave_fill_the_last_one():
+    assert decode_module._fill_waves(640, 528) == 4  # 4.85 waves, not 1.2 (H200: 88.5 against 101 us)
+    assert decode_module._fill_waves(1056, 528) == 1  # two whole waves already
