@@ -51,21 +51,34 @@ def main(argv: list[str]) -> int:
         print("usage: python -m ringlet.mpi.rank_guard DEATHS -- COMMAND...", file=sys.stderr)
         return 2
     deaths, command = argv[0], argv[2:]
+    started: list[subprocess.Popen] = []
+
+    def forward(signum, frame):
+        if started:
+            started[0].send_signal(signum)
+        else:  # no rank yet: end the guard as the signal would have
+            _end_by(signum)
+
+    for sig in _FORWARDED:  # before the start, so that no signal can end the guard with its rank left running
+        signal.signal(sig, forward)
     try:
         child = subprocess.Popen(command, close_fds=False, preexec_fn=_as_orphan_killed(os.getpid()))
     except OSError as e:
         print(f"ringlet: cannot start rank {command[0]!r}: {e}", file=sys.stderr)
         return 127
-    for sig in _FORWARDED:
-        signal.signal(sig, lambda signum, frame: child.send_signal(signum))
+    started.append(child)
     returncode = child.wait()
     if returncode != 0:
         _record(deaths, child.pid, returncode)
     if returncode < 0:  # end as the rank did, so that mpirun sees the same status
-        if -returncode in _FORWARDED:
-            signal.signal(-returncode, signal.SIG_DFL)
-        os.kill(os.getpid(), -returncode)
+        _end_by(-returncode)
     return returncode & 0xFF
+
+
+def _end_by(signum: int) -> None:
+    if signum in _FORWARDED:
+        signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 if __name__ == "__main__":
