@@ -179,8 +179,8 @@ if [[ $impl != mpich ]]; then
     exec "$mpirun_path" "${args[@]}" "${extra[@]}" "${cmd[@]}"
 fi
 # Hydra reports a failed job by one PID (on stdout: "PID 1234 RUNNING AT node1 / EXIT CODE: 9"), not always the
-# rank that failed first: it kills the others at once and names whichever it collects first. So every rank runs
-# under ringlet.mpi.rank_guard, its parent, which appends "PID signal N" or "PID exit N" to RINGLET_DEATHS when its
+# rank that failed first: it kills the others at once and names whichever it collects first. So every rank of a
+# ringlet command runs under ringlet.mpi.rank_guard, its parent, which appends "PID signal N" or "PID exit N" to RINGLET_DEATHS when its
 # rank fails; ringlet's rank 0 writes "PID HOST RANK PPID" lines to RINGLET_RANK_MAP at start-up. This filter passes
 # both streams through unchanged and, after hydra's report, adds one line on stderr naming the first rank in
 # RINGLET_DEATHS (else the rank whose pid or guard's pid hydra gave). The filters read mpirun's streams from two
@@ -193,7 +193,10 @@ trap 'rm -rf "$work"' EXIT
 export RINGLET_RANK_MAP=$work/ranks RINGLET_DEATHS=$work/deaths
 : >"$RINGLET_RANK_MAP"
 mkfifo "$work/out" "$work/err"
-cmd=("$py" -m ringlet.mpi.rank_guard "$RINGLET_DEATHS" -- "${cmd[@]}")
+# ringlet's commands write the rank map; other modules (--module) run as they are.
+if [[ $module == ringlet ]]; then
+    cmd=("$py" -m ringlet.mpi.rank_guard "$RINGLET_DEATHS" -- "${cmd[@]}")
+fi
 name_rank='
     function ended(status, code) {
         if (status == "exit") return "exited with code " code
