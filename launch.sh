@@ -217,10 +217,10 @@ name_rank='
             if (dead != "" ? (f[1] == dead) : (f[1] == pid || f[4] == pid)) { rank = f[3]; host = f[2]; who = f[1] }
         }
         close(map)
+        if (dead == "" && (code == 9 || code == 137)) { status = "signal"; code = 9 }  # hydra: 128 + SIGKILL too
         if (rank != "") {
-            if (dead == "" && (code == 9 || code == 137)) status = "signal"
-            print "ringlet: rank " rank " (pid " who " on " host ") " ended(status, code == 137 ? 9 : code) \
-                "; mpirun ended the other ranks" > "/dev/stderr"
+            print "ringlet: rank " rank " (pid " who " on " host ") " ended(status, code) "; mpirun ended the other ranks" \
+                > "/dev/stderr"
             fflush("/dev/stderr")
         }
         pid = ""

@@ -224,15 +224,15 @@ def bench_splits(bench: Bench, rows: list) -> None:
             pool = Pool(bench, s, batch, context, cache == "fp8")
             sets = list(zip(queries, pool.tables))
             times = {}
-            for forced in [None, *FORCED_SPLITS]:
-                splits_module._num_splits = chosen if forced is None else (lambda *args, n=forced: n)
-                try:
+            try:
+                for forced in [None, *FORCED_SPLITS]:
+                    splits_module._num_splits = chosen if forced is None else (lambda *args, n=forced: n)
                     times[forced or "auto"] = bench.time_us(
                         lambda q, t, pool=pool, lens=lens: rk.decode_attention(q, pool.k, pool.v, t, lens,
                                                                                s.head_dim ** -0.5, **pool.scales),
                         sets)
-                finally:
-                    splits_module._num_splits = chosen
+            finally:
+                splits_module._num_splits = chosen
             best = min(FORCED_SPLITS, key=lambda n: times[n])
             _row(bench, rows, f"splits dense {cache} H={heads} B={batch} ctx={context}", times["auto"],
                  kind="splits", cache=cache, heads=heads, batch=batch, context=context, best_splits=best,
