@@ -14,7 +14,8 @@ L2 size, so a sparse pattern's few pages come from HBM as a dense pass's do, wit
 Rows: FP8 and bf16 paged dense decode at 32K against SDPA on dense contiguous bf16 K/V (target FP8 >= 1.7x);
 every pattern (local, strided, block-sparse) in decode and prefill at 4K and 32K with bf16 and FP8 pages, each
 beside our dense kernel at the same size: keep = pattern.keep_fraction, ratio = time / (dense time * keep)
-(target <= 1.25); prefill also against SDPA causal (flash). Kernels are first checked against their references
+(target <= 1.25), and on the GPU, as bound_ratio, the same ratio for a bare read of the kept bytes in one launch
+(bench/read_bound.py: no kernel can score below it); prefill also against SDPA causal (flash). Kernels are first checked against their references
 (prefill at 4K only: the reference holds the whole score matrix). JSON to --out (default
 bench/results/attention-<gpu>-<date>.json), a table last.
 """
@@ -37,6 +38,8 @@ import torch
 import torch.nn.functional as F
 import triton
 from ringlet.kernels.paged_kv import FP8_SCALE_DTYPE, quantize_fp8_ref
+
+from read_bound import read_bound_us
 
 _spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).with_name("kernels.py"))
 bench_kernels = importlib.util.module_from_spec(_spec)
@@ -147,6 +150,9 @@ def bench_decode(bench: Bench, s: Sizes, rows: list) -> None:
                     else:
                         extra["dense_us"] = dense_us[cache]
                         extra["ratio"] = us / (dense_us[cache] * keep)
+                        if bench.device.type == "cuda":  # a bare read of the kept bytes, and its ratio
+                            extra["read_bound_us"] = read_bound_us(bench, round(keep * extra["kv_bytes"]))
+                            extra["bound_ratio"] = extra["read_bound_us"] / (dense_us[cache] * keep)
                     _row(bench, rows, tag, us, kind="decode", pattern=pname, cache=cache, batch=batch,
                          context=context, **extra)
                 if context == s.fp8_peer_context:
@@ -243,12 +249,13 @@ def bench_splits(bench: Bench, rows: list) -> None:
 
 
 def _table(rows: list) -> str:
-    lines = [f"{'row':<62} {'us':>9} {'dense us':>9} {'keep':>7} {'ratio':>6} {'SDPA us':>9} {'speedup':>7}"]
+    lines = [f"{'row':<62} {'us':>9} {'dense us':>9} {'keep':>7} {'ratio':>6} {'bound':>6} {'SDPA us':>9} "
+             f"{'speedup':>7}"]
     for r in rows:
         def fmt(key, spec, r=r):
             return format(r[key], spec) if key in r else ""
         lines.append(f"{r['name']:<62} {r['us']:>9.1f} {fmt('dense_us', '9.1f'):>9} {fmt('keep', '7.4f'):>7} "
-                     f"{fmt('ratio', '6.2f'):>6} {fmt('sdpa_us', '9.1f'):>9} {fmt('speedup', '6.2f') + 'x' if 'speedup' in r else '':>7}")
+                     f"{fmt('ratio', '6.2f'):>6} {fmt('bound_ratio', '6.2f'):>6} {fmt('sdpa_us', '9.1f'):>9} {fmt('speedup', '6.2f') + 'x' if 'speedup' in r else '':>7}")
     return "\n".join(lines)
 
 

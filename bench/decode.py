@@ -87,9 +87,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_ringlet(engine: Engine, batch: int, context: int, steps: int) -> tuple[float, float]:
-    """(tokens/s, seconds per step) over `steps` decode engine steps after prefilling `batch` prompts of `context`
-    tokens (also used by bench/tp_decode.py, on the CPU too)."""
+def _start_decode(engine: Engine, batch: int, context: int, steps: int) -> list[int]:
+    """Prefill `batch` prompts of `context` random token ids (room for `steps` decode steps after a warm-up) and
+    run 3 decode steps (the bucket's graph captured); returns the request ids."""
     g = torch.Generator().manual_seed(batch)
     vocab = engine.model_config.vocab_size
     ids = [engine.add_request(torch.randint(0, vocab, (context,), generator=g).tolist(),
@@ -100,15 +100,54 @@ def bench_ringlet(engine: Engine, batch: int, context: int, steps: int) -> tuple
     for _ in range(3):  # capture this bucket's graph, warm up
         engine.step()
     _sync(engine.device)
+    return ids
+
+
+def _end_decode(engine: Engine, ids: list[int]) -> None:
+    for i in ids:
+        engine.abort(i)
+        engine.pop_finished(i)
+
+
+def bench_ringlet(engine: Engine, batch: int, context: int, steps: int) -> tuple[float, float]:
+    """(tokens/s, seconds per step) over `steps` decode engine steps after prefilling `batch` prompts of `context`
+    tokens (also used by bench/tp_decode.py, on the CPU too)."""
+    ids = _start_decode(engine, batch, context, steps)
     start = time.perf_counter()
     for _ in range(steps):
         engine.step()
     _sync(engine.device)
     elapsed = time.perf_counter() - start
-    for i in ids:
-        engine.abort(i)
-        engine.pop_finished(i)
+    _end_decode(engine, ids)
     return batch * steps / elapsed, elapsed / steps
+
+
+def profile_ringlet(engine: Engine, batch: int, context: int, steps: int) -> dict:
+    """GPU kernel time of `steps` decode engine steps (set up as bench_ringlet's), from torch.profiler: the span
+    from the first kernel's start to the last one's end and the time kernels ran, each per step, and per kernel
+    name its calls and microseconds per step (the profiler adds some host time between steps, not to kernels).
+    Off the GPU it runs the steps and reports no kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = _start_decode(engine, batch, context, steps)
+    cuda = engine.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            engine.step()
+        _sync(engine.device)
+    _end_decode(engine, ids)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not kernels:  # the CPU (--smoke runs): no kernels to report
+        return {"steps": steps, "kernels": {}}
+    span = max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)
+    per_name: dict[str, list[float]] = {}
+    for e in kernels:
+        per_name.setdefault(e.name[:80], []).append(e.time_range.end - e.time_range.start)
+    table = {name: {"calls_per_step": round(len(d) / steps, 2), "us_per_step": round(sum(d) / steps, 1)}
+             for name, d in sorted(per_name.items(), key=lambda kv: -sum(kv[1]))}
+    busy = sum(sum(d) for d in per_name.values())
+    return {"steps": steps, "span_ms_per_step": round(span / steps / 1e3, 3),
+            "busy_ms_per_step": round(busy / steps / 1e3, 3), "kernels": table}
 
 
 def bench_compiled(model: CompiledLlama, step_fn, batch: int, context: int, steps: int) -> float:

@@ -4,6 +4,8 @@ random bf16 weights, whole engine steps at batch 1 and 16.
     mpirun -n 2 python3 bench/tp_decode.py [--comm nccl] [--out bench/results/tp_decode-<gpu>-<date>.json]
     mpirun -n 2 python3 bench/tp_decode.py --smoke      # tiny model on the CPU (ring): checks the script runs
     mpirun -n 2 python3 bench/tp_decode.py --no-one-shot --no-spin   # what each of the two costs
+    mpirun -n 2 python3 bench/tp_decode.py --profile 8   # also each kernel's GPU time (one GPU, TP-2 rank 0)
+    mpirun -n 2 python3 bench/tp_decode.py --batches 16 --tp-splits 4   # TP-2 with decode attention split 4 ways
 
 Phase 1: rank 0 alone runs the whole model on its GPU (rank 1 waits). Phase 2: both ranks build a TP-2 replica
 (`ringlet.mpi.parallel.Replica`, the same code `batch --tp 2` runs): rank 0 schedules, samples and broadcasts each
@@ -21,6 +23,7 @@ import argparse
 import datetime
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -28,6 +31,7 @@ from mpi4py import MPI
 from ringlet.checkpoint import Checkpoint
 from ringlet.config import ModelConfig
 from ringlet.engine import Engine, EngineConfig
+from ringlet.kernels import decode_attention
 from ringlet.model import random_weights
 from ringlet.mpi import nccl, parallel
 from ringlet.mpi.parallel import Replica, make_layout
@@ -42,6 +46,13 @@ _spec.loader.exec_module(bench_decode)
 
 SMOKE = ModelConfig(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=256, max_seq_len=512,
                     name="smoke")
+
+
+def force_decode_splits(n: int) -> None:
+    """Every decode attention launch from now on splits its keys n ways (the rule's choice is measured against
+    forced counts this way; see also bench/attention.py --only splits)."""
+    module = sys.modules[decode_attention.__module__]
+    module._num_splits = lambda *args: n
 
 
 def engine_config(args, device, batches) -> EngineConfig:
@@ -75,6 +86,10 @@ def main() -> int:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--no-one-shot", action="store_true", help="all-reduces through NCCL only")
     ap.add_argument("--no-spin", action="store_true", help="the worker sleeps while waiting for a plan")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="after the timing, profile this many steps of each (torch.profiler): kernel time per step")
+    ap.add_argument("--tp-splits", type=int, default=0, metavar="N",
+                    help="force decode attention's split count to N in the TP-2 phase (one GPU keeps its rule)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.no_one_shot:
@@ -103,6 +118,8 @@ def main() -> int:
         del weights
         for b in batches:
             runs[b] = {"batch": b, "one_gpu": timed_modes(engine, b, args)}
+            if args.profile:
+                runs[b]["one_gpu_profile"] = bench_decode.profile_ringlet(engine, b, args.context, args.profile)
             print(json.dumps({"batch": b, "one_gpu_tok_s": [round(r[0], 1) for r in runs[b]["one_gpu"]]}), flush=True)
         del engine
         if device.type == "cuda":
@@ -110,6 +127,8 @@ def main() -> int:
     world.Barrier()
 
     # Phase 2: TP-2, both ranks.
+    if args.tp_splits:
+        force_decode_splits(args.tp_splits)
     layout = make_layout(2, info.rank, tp=2, dp=1)
     group = world.Split(color=0, key=info.rank)
     weights = random_weights(cfg, dtype, device)  # the same seed on both ranks: the same model
@@ -123,6 +142,9 @@ def main() -> int:
             (one_w, one_a), (tp2_w, tp2_a) = runs[b].pop("one_gpu"), timed_modes(replica.engine, b, args)
             runs[b].update(waiting=compared(one_w, tp2_w), **compared(one_a, tp2_a))
             print(json.dumps(runs[b]), flush=True)
+            if args.profile:
+                runs[b]["tp2_rank0_profile"] = bench_decode.profile_ringlet(replica.engine, b, args.context,
+                                                                            args.profile)
         replica.stop_workers()
     else:
         replica.serve_plans()
@@ -132,7 +154,7 @@ def main() -> int:
         date = datetime.date.today().isoformat()
         out = write_results("tp_decode", gpu, date, args.out, {
             "gpu": gpu, "date": date, "torch": torch.__version__, "shape": cfg.name, "comm": replica.comm.describe(),
-            "worker_spin_s": parallel.PLAN_SPIN_S,
+            "worker_spin_s": parallel.PLAN_SPIN_S, "tp_decode_splits": args.tp_splits or "rule",
             "context": args.context, "steps": args.steps, "targets": {"1": 1.65, "16": 1.8},
             "runs": list(runs.values())})
         print(f"wrote {out}")
