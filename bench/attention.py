@@ -15,9 +15,9 @@ Rows: FP8 and bf16 paged dense decode at 32K against SDPA on dense contiguous bf
 every pattern (local, strided, block-sparse) in decode and prefill at 4K and 32K with bf16 and FP8 pages, each
 beside our dense kernel at the same size: keep = pattern.keep_fraction, ratio = time / (dense time * keep)
 (target <= 1.25), and on the GPU, as bound_ratio, the same ratio for a bare read of the kept bytes in one launch
-(bench/read_bound.py: no kernel can score below it); prefill also against SDPA causal (flash). Kernels are first checked against their references
-(prefill at 4K only: the reference holds the whole score matrix). JSON to --out (default
-bench/results/attention-<gpu>-<date>.json), a table last.
+(bench/read_bound.py: no kernel can score below it); prefill also against SDPA causal (flash). Kernels are first
+checked against their references (prefill at 4K only: the reference holds the whole score matrix). JSON to --out
+(default bench/results/attention-<gpu>-<date>.json), a table last.
 """
 import argparse
 import importlib.util
@@ -255,7 +255,8 @@ def _table(rows: list) -> str:
         def fmt(key, spec, r=r):
             return format(r[key], spec) if key in r else ""
         lines.append(f"{r['name']:<62} {r['us']:>9.1f} {fmt('dense_us', '9.1f'):>9} {fmt('keep', '7.4f'):>7} "
-                     f"{fmt('ratio', '6.2f'):>6} {fmt('bound_ratio', '6.2f'):>6} {fmt('sdpa_us', '9.1f'):>9} {fmt('speedup', '6.2f') + 'x' if 'speedup' in r else '':>7}")
+                     f"{fmt('ratio', '6.2f'):>6} {fmt('bound_ratio', '6.2f'):>6} {fmt('sdpa_us', '9.1f'):>9} "
+                     f"{fmt('speedup', '6.2f') + 'x' if 'speedup' in r else '':>7}")
     return "\n".join(lines)
 
 
