@@ -34,11 +34,15 @@ from .quant_formats import QUANT_WEIGHT_TYPES, Int4Weight, Int8Weight, TernaryWe
 # K / (32 * num_warps) floats per thread, so longer rows are split across programs (at 8 warps, 64 floats). A split
 # costs a second launch to sum the partials: Llama-7B's w2 (K = 11008) in one launch of 3 chunks against 3 splits
 # (H200, 2026-11-27): int8 13.9 against 15.5 us, ternary 10.6 against 11.6, but int4 12.6 against 12.1 (asym 14.2
-# against 13.1), whose chunks fit only as 8-byte loads by 8 warps (2 programs of about 128 registers per SM).
+# against 13.1), whose chunks then fit only as 8-byte loads by 8 warps (2 programs of about 128 registers per SM;
+# see _GEMV_X_FLOATS for what changed that).
 _GEMV_COLUMNS = 16384
 # M == 1: the most floats of x a thread keeps (more cost the occupancy that keeps loads in flight), and the most
-# padding a layout may add past a program's K range (its FMAs are wasted).
-_GEMV_X_FLOATS = 64
+# padding a layout may add past a program's K range (its FMAs are wasted). 96 rather than 64 lets K = 11008 take
+# 16-byte loads by 4 warps (3 chunks): Llama-7B's w2 at batch 1, H200 (2026-11-28, the autotuner choosing among
+# the layouts either limit allows), int4 asymmetric 14.3 -> 12.9 us, ternary 10.5 -> 10.1 us, the other shapes and
+# formats within 0.3 us; 128 measured the same as 96 (quant_gemm-H200-2026-11-28-x64.json / -x96.json).
+_GEMV_X_FLOATS = 96
 _GEMV_MAX_PAD = 1 / 8
 # M == 1: split K further when N gives fewer rows than this per SM (the persistent kernel fills the GPU from
 # 4 rows per program, so only small N needs it).
