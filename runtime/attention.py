@@ -93,34 +93,50 @@ def parse_pattern(piece: str, spec: str | None = None) -> Pattern:
                       "strided:S,W[,sink=N] or block:B,local=L,stride=V")
 
 
+def _split_spec(spec: str) -> tuple[Pattern, list[tuple[int, str, Pattern]]]:
+    """`BASE[;I=PATTERN]...` -> (the base pattern, [(I, the override's text, its pattern)]): every check that
+    needs no layer count. Raises ConfigError naming the offending piece."""
+    if not isinstance(spec, str):
+        raise ConfigError(f"attention must be a pattern string such as 'local:256', got {spec!r}")
+    base, *pieces = spec.split(";")
+    if _OVERRIDE.match(base):
+        raise ConfigError(f"attention {spec!r}: starts with a layer override {base.strip()!r}; "
+                          "put the pattern for all layers first, e.g. local:256;0=dense")
+    overrides = []
+    for piece in pieces:
+        m = _OVERRIDE.match(piece)
+        if m is None:
+            raise ConfigError(f"attention {spec!r}: override {piece.strip()!r} is not LAYER=PATTERN "
+                              "(e.g. 0=dense or -1=dense)")
+        overrides.append((int(m.group(1)), piece.strip(), parse_pattern(m.group(2), spec)))
+    return parse_pattern(base, spec), overrides
+
+
+def check_attention_spec(spec: str) -> None:
+    """Refuse (ConfigError) what `parse_attention` would refuse for any model: everything but layer indices out of
+    range and layers given two overrides, which need the model's layer count. Lets a bad string fail before a
+    model is loaded."""
+    _split_spec(spec)
+
+
 def parse_attention(spec: str, n_layers: int) -> list[Pattern]:
     """`BASE[;I=PATTERN]...` -> one pattern per layer (see the module docstring for the syntax).
 
     Raises ConfigError naming the offending piece: an unparsable pattern, a bad value, a layer index outside
     [-n_layers, n_layers), or a layer given two overrides.
     """
-    if not isinstance(spec, str):
-        raise ConfigError(f"attention must be a pattern string such as 'local:256', got {spec!r}")
-    base, *overrides = spec.split(";")
-    if _OVERRIDE.match(base):
-        raise ConfigError(f"attention {spec!r}: starts with a layer override {base.strip()!r}; "
-                          "put the pattern for all layers first, e.g. local:256;0=dense")
-    patterns = [parse_pattern(base, spec)] * n_layers
+    base, overrides = _split_spec(spec)
+    patterns = [base] * n_layers
     seen: dict[int, str] = {}
-    for piece in overrides:
-        m = _OVERRIDE.match(piece)
-        if m is None:
-            raise ConfigError(f"attention {spec!r}: override {piece.strip()!r} is not LAYER=PATTERN "
-                              "(e.g. 0=dense or -1=dense)")
-        index = int(m.group(1))
+    for index, piece, pattern in overrides:
         if not -n_layers <= index < n_layers:
-            raise ConfigError(f"attention {spec!r}: layer {index} in {piece.strip()!r} is out of range for a model "
+            raise ConfigError(f"attention {spec!r}: layer {index} in {piece!r} is out of range for a model "
                               f"of {n_layers} layers (use 0..{n_layers - 1}, or -1..-{n_layers} from the end)")
         layer = index % n_layers
         if layer in seen:
-            raise ConfigError(f"attention {spec!r}: {piece.strip()!r} and {seen[layer]!r} both set layer {layer}")
-        seen[layer] = piece.strip()
-        patterns[layer] = parse_pattern(m.group(2), spec)
+            raise ConfigError(f"attention {spec!r}: {piece!r} and {seen[layer]!r} both set layer {layer}")
+        seen[layer] = piece
+        patterns[layer] = pattern
     return patterns
 
 

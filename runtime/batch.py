@@ -269,11 +269,10 @@ def _run_single(args) -> int:
     from ringlet.mpi.parallel import make_layout
     from ringlet.mpi.router import ReplicaServer, route
 
-    from .checkpoint import load_checkpoint
     from .engine import Engine
     from .replica_setup import engine_config
     make_layout(1, 0, args.tp, args.dp)
-    engine = Engine(load_checkpoint(args.model), engine_config(args, args.device))
+    engine = Engine.from_path(args.model, engine_config(args, args.device))
     driver = Driver(args, engine.tokenizer)
     route(ReplicaServer(engine), driver.items, driver.finish, capacity=args.max_num_seqs)
     print(json.dumps({**driver.close(), "steps_ahead": engine.steps_ahead}))

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from .attention import format_attention, parse_attention
+from .attention import check_attention_spec, format_attention, parse_attention
 from .checkpoint import Checkpoint, load_checkpoint
 from .config import ModelConfig, RopeScaling, parse_rope_scaling
 from .errors import ConfigError, RequestError
@@ -74,18 +74,42 @@ _KV_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.
               "fp32": torch.float32, "float32": torch.float32, "fp8": FP8, "float8_e4m3fn": FP8}
 
 
+def _kv_dtype_named(name: str) -> torch.dtype | None:
+    """The dtype a kv_dtype name stands for (None for "auto"); ConfigError for any other name."""
+    if name == "auto":
+        return None
+    if name not in _KV_DTYPES:
+        raise ConfigError(f"kv_dtype {name!r} is not one of auto, {', '.join(_KV_DTYPES)}")
+    return _KV_DTYPES[name]
+
+
 def resolve_kv_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     """The KV cache dtype: the model's for "auto", else one of _KV_DTYPES. A 16/32-bit cache must match the
     model's dtype (the kernels read the cache in the queries' dtype); FP8 goes with any."""
-    if name == "auto":
+    dtype = _kv_dtype_named(name)
+    if dtype is None:
         return model_dtype
-    if name not in _KV_DTYPES:
-        raise ConfigError(f"kv_dtype {name!r} is not one of auto, {', '.join(_KV_DTYPES)}")
-    dtype = _KV_DTYPES[name]
     if dtype != FP8 and dtype != model_dtype:
         raise ConfigError(f"kv_dtype {name!r} differs from the model dtype {str(model_dtype).removeprefix('torch.')}: "
                           f"a 16/32-bit KV cache is kept in the model's dtype (set dtype to match, or use fp8)")
     return dtype
+
+
+def check_engine_config(cfg: EngineConfig) -> None:
+    """The checks of `Engine` that need no checkpoint, made before one is loaded so that a bad option fails at
+    once (loading a 13B model takes minutes): the device, dtype and KV dtype names, the attention string and the
+    RoPE scaling string (their syntax and values), the quantization method and max_num_seqs. What depends on the
+    model (layer indices, contexts, the KV dtype matching the model's) is checked by `Engine` itself."""
+    resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+    _kv_dtype_named(cfg.kv_dtype)
+    check_attention_spec(cfg.attention)
+    if isinstance(cfg.rope_scaling, str):
+        parse_rope_scaling(cfg.rope_scaling, 1)  # a stand-in trained context: only `original` depends on it
+    if cfg.quant is not None:
+        from .quant import parse_method
+        parse_method(cfg.quant)
+    if cfg.max_num_seqs < 1:
+        raise ConfigError(f"max_num_seqs must be >= 1, got {cfg.max_num_seqs}")
 
 
 def apply_rope_scaling(config: ModelConfig, spec: str | RopeScaling | None) -> ModelConfig:
@@ -153,6 +177,7 @@ class Engine:
         """`shard`, when given, is called with the built model and returns the part this rank runs (tensor
         parallel: `ringlet.mpi.tp.apply_tp`); the KV cache then holds that model's (local) KV heads."""
         cfg = config or EngineConfig()
+        check_engine_config(cfg)
         self.config = cfg
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
@@ -161,8 +186,6 @@ class Engine:
         if cfg.max_model_len is not None:
             check_context(self.model_config, cfg.max_model_len)
         patterns = parse_attention(cfg.attention, self.model_config.n_layers)
-        if cfg.max_num_seqs < 1:
-            raise ConfigError(f"max_num_seqs must be >= 1, got {cfg.max_num_seqs}")
         self.tokenizer = checkpoint.tokenizer
         weights = checkpoint.weights
         if cfg.quant is not None:
@@ -193,6 +216,9 @@ class Engine:
 
     @classmethod
     def from_path(cls, path: str, config: EngineConfig | None = None) -> "Engine":
+        """An engine over the checkpoint at `path` (see `load_checkpoint`), the options checked before loading it."""
+        config = config or EngineConfig()
+        check_engine_config(config)
         return cls(load_checkpoint(path), config)
 
     def _num_pages(self, cfg: EngineConfig) -> int:

@@ -59,9 +59,13 @@ def build_replica(args, info, world, device):
     from ringlet.mpi.tp import check_tp
 
     from .checkpoint import load_checkpoint
+    from .engine import check_engine_config
+
+    config = engine_config(args, str(device))
 
     def load():
         layout = make_layout(info.world_size, info.rank, args.tp, args.dp)
+        check_engine_config(config)  # a bad option fails before the weights load
         checkpoint = load_checkpoint(args.model)
         check_tp(checkpoint.config, layout.tp)
         return layout, checkpoint, agree.fingerprint(agreed_settings(args), checkpoint.weights)
@@ -70,8 +74,7 @@ def build_replica(args, info, world, device):
     watchdog.collective(world, agree.check_agreement, world, mine)
     group = world.Split(color=layout.replica, key=info.rank)
     messages = world.Dup()  # rank 0 <-> leaders; apart from every other message
-    replica = watchdog.collective(world, Replica, layout, group, world, checkpoint,
-                                  engine_config(args, str(device)), args.comm, device)
+    replica = watchdog.collective(world, Replica, layout, group, world, checkpoint, config, args.comm, device)
     return layout, replica, messages
 
 

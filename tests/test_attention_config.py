@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ringlet import LLM, SamplingParams
-from ringlet.attention import format_attention, parse_attention, parse_pattern, pattern_spec
+from ringlet.attention import check_attention_spec, format_attention, parse_attention, parse_pattern, pattern_spec
 from ringlet.engine import Engine, EngineConfig
 from ringlet.errors import ConfigError
 from ringlet.kernels.patterns import DENSE, BlockSparse, Local, Strided
@@ -49,7 +49,7 @@ def test_per_layer_overrides_count_from_both_ends():
     assert parse_attention("dense;-30=local:8", N_LAYERS)[0] == Local(8)
 
 
-@pytest.mark.parametrize("spec, needle", [
+BAD_SPECS = [
     ("sparse", "'sparse' is not a pattern"),
     ("local", "'local' is not a pattern"),
     ("dense:4", "'dense:4' is not a pattern"),
@@ -75,18 +75,38 @@ def test_per_layer_overrides_count_from_both_ends():
     ("local:256;dense", "override 'dense' is not LAYER=PATTERN"),
     ("local:256;x=dense", "override 'x=dense'"),
     ("local:256;1=locl:8", "'locl:8' is not a pattern"),
-])
+]
+
+
+@pytest.mark.parametrize("spec, needle", BAD_SPECS)
 def test_bad_specs_name_the_piece(spec, needle):
     with pytest.raises(ConfigError) as e:
         parse_attention(spec, N_LAYERS)
     assert needle in str(e.value) and repr(spec) in str(e.value), str(e.value)
 
 
-def test_api_refuses_a_bad_pattern():
+# The bad specs that only the model's layer count (30) makes bad.
+LAYER_COUNT_SPECS = {"local:256;30=dense", "local:256;-31=dense", "local:256;0=dense;-30=local:8"}
+
+
+@pytest.mark.parametrize("spec, needle", BAD_SPECS)
+def test_check_attention_spec_leaves_only_layer_counts_to_the_model(spec, needle):
+    """check_attention_spec (what runs before a model loads) refuses every bad spec parse_attention refuses, with
+    the same message, except the two checks that need the model's layer count."""
+    if spec in LAYER_COUNT_SPECS:
+        check_attention_spec(spec)
+        return
+    with pytest.raises(ConfigError) as e:
+        check_attention_spec(spec)
+    assert needle in str(e.value), str(e.value)
+
+
+def test_api_refuses_a_bad_pattern_before_loading_the_model():
+    # The model path does not exist: only a check made before loading can name the pattern.
     with pytest.raises(ConfigError, match=r"attention 'local:0'.*window"):
-        LLM("default", device="cpu", attention="local:0")
+        LLM("/no/such/model.gguf", device="cpu", attention="local:0")
     with pytest.raises(ConfigError, match="attention must be a pattern string"):
-        LLM("default", device="cpu", attention=256)
+        LLM("/no/such/model.gguf", device="cpu", attention=256)
 
 
 # -- the bundled model under patterns ---------------------------------------------------------------------------

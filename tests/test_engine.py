@@ -177,6 +177,22 @@ def test_abort_frees_pages(checkpoint):
     assert engine.pop_finished(rid).finish_reason == "abort"
 
 
+@pytest.mark.parametrize("option, needle", [
+    ({"rope_scaling": "yarn:x"}, "rope scaling 'yarn:x': factor 'x' is not a number"),
+    ({"kv_dtype": "int8"}, "kv_dtype 'int8' is not one of"),
+    ({"quant": "int3"}, "unknown quantization method 'int3'"),
+    ({"dtype": "fp64"}, "dtype 'fp64' is not one of"),
+    ({"max_num_seqs": 0}, "max_num_seqs must be >= 1"),
+    ({"attention": "local:256;1=locl:8"}, "'locl:8' is not a pattern"),
+])
+def test_bad_options_are_refused_before_the_model_loads(option, needle):
+    # The model path does not exist: loading first would raise about the path instead.
+    from ringlet.errors import ConfigError
+    with pytest.raises(ConfigError) as e:
+        LLM("/no/such/model.gguf", device="cpu", **option)
+    assert needle in str(e.value), str(e.value)
+
+
 def test_unknown_llm_option_and_pattern_are_refused():
     from ringlet.errors import ConfigError
     with pytest.raises(ConfigError, match="no_such_option"):

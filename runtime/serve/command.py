@@ -63,12 +63,11 @@ def _run_single(args) -> int:
     from ringlet.mpi.parallel import make_layout
     from ringlet.mpi.serve_router import ServeRouter
 
-    from ..checkpoint import load_checkpoint
     from ..engine import Engine
     from ..replica_setup import engine_config
     from .server import serve_http
     make_layout(1, 0, args.tp, args.dp)
-    engine = Engine(load_checkpoint(args.model), engine_config(args, args.device))
+    engine = Engine.from_path(args.model, engine_config(args, args.device))
     sock = bind(args.host, args.port)
     failure: list[BaseException] = []
     serve_http(args, sock, ServeRouter(engine), engine, on_fatal=failure.append)
