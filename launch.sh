@@ -180,9 +180,10 @@ if [[ $impl != mpich ]]; then
 fi
 # Hydra reports a failed job by one PID (on stdout: "PID 1234 RUNNING AT node1 / EXIT CODE: 9"), not always the
 # rank that failed first: it kills the others at once and names whichever it collects first. So every rank of a
-# ringlet command runs under ringlet.mpi.rank_guard, its parent, which appends "PID signal N" or "PID exit N" to RINGLET_DEATHS when its
-# rank fails; ringlet's rank 0 writes "PID HOST RANK PPID" lines to RINGLET_RANK_MAP at start-up. This filter passes
-# both streams through unchanged and, after hydra's report, adds one line on stderr naming the first rank in
+# ringlet command runs under ringlet.mpi.rank_guard, its parent, which appends "PID signal N" or "PID exit N" to
+# RINGLET_DEATHS when its rank fails; ringlet's rank 0 writes "PID HOST RANK PPID" lines to RINGLET_RANK_MAP at
+# start-up. This filter passes both streams through unchanged and, after hydra's report, adds one line on stderr
+# naming the first rank in
 # RINGLET_DEATHS (else the rank whose pid or guard's pid hydra gave). The filters read mpirun's streams from two
 # FIFOs as background jobs, so that (a) launch.sh exits only after both have written everything (a caller that
 # reads a log file when launch.sh ends finds it complete), and (b) Ctrl-C does not reach them (a non-interactive

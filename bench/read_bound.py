@@ -33,30 +33,34 @@ def _read_kernel(
     tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
 
 
-def read_launch(src: torch.Tensor, out: torch.Tensor, block: int, warps: int, per_sm: int) -> None:
-    """One read of src (int32 [n], contiguous) with a tiling of _TILINGS; out: int32 [>= programs]."""
-    n = src.numel()
-    sms = torch.cuda.get_device_properties(src.device).multi_processor_count
+def _split(n: int, block: int, per_sm: int, sms: int) -> tuple[int, int]:
+    """(programs, words per program) of a tiling over n words on sms SMs."""
     programs = per_sm * sms if per_sm else triton.cdiv(n, block)
     per_program = triton.cdiv(triton.cdiv(n, programs), block) * block
-    _read_kernel[(triton.cdiv(n, per_program),)](src, out, n, per_program, BLOCK=block, num_warps=warps)
+    return triton.cdiv(n, per_program), per_program
 
 
 def read_bound_us(bench, nbytes: int) -> float:
     """Microseconds of the fastest tiling reading nbytes (rounded up to whole words) on bench's GPU, timed by
     bench.time_us over rotating buffers."""
     n = max(1, triton.cdiv(nbytes, 4))
-    out = torch.empty(triton.cdiv(n, 2048) + 16 * torch.cuda.get_device_properties(bench.device).multi_processor_count,
-                      dtype=torch.int32, device=bench.device)
+    sms = torch.cuda.get_device_properties(bench.device).multi_processor_count
+    splits = {(block, warps, per_sm): _split(n, block, per_sm, sms) for block, warps, per_sm in _TILINGS}
+    out = torch.empty(max(programs for programs, _ in splits.values()), dtype=torch.int32, device=bench.device)
+
+    def read(src: torch.Tensor, tiling: tuple[int, int, int]) -> None:
+        programs, per_program = splits[tiling]
+        _read_kernel[(programs,)](src, out, n, per_program, BLOCK=tiling[0], num_warps=tiling[1])
+
     sets = bench.input_sets(lambda: (torch.randint(-2 ** 31, 2 ** 31 - 1, (n,), dtype=torch.int32,
                                                    device=bench.device),), 4 * n)
     src = sets[0][0]
     for t in _TILINGS:  # every tiling reads every word (int32 sums wrap alike)
         out.zero_()
-        read_launch(src, out, *t)
+        read(src, t)
         if int(out.sum(dtype=torch.int64) - src.sum(dtype=torch.int64)) % 2 ** 32:
             raise RuntimeError(f"read kernel with tiling {t} missed words of a {n}-word buffer")
-    best = min(bench.time_us(lambda src, t=t: read_launch(src, out, *t), sets) for t in _TILINGS)
+    best = min(bench.time_us(lambda src, t=t: read(src, t), sets) for t in _TILINGS)
     del sets
     bench.free()
     return best

@@ -99,7 +99,8 @@ def check_engine_config(cfg: EngineConfig) -> None:
     """The checks of `Engine` that need no checkpoint, made before one is loaded so that a bad option fails at
     once (loading a 13B model takes minutes): the device, dtype and KV dtype names, the attention string and the
     RoPE scaling string (their syntax and values), the quantization method and max_num_seqs. What depends on the
-    model (layer indices, contexts, the KV dtype matching the model's) is checked by `Engine` itself."""
+    model (layer indices, contexts, the KV dtype matching the model's) is checked by `Engine` itself, which also
+    repeats every check here on its own (an Engine built from a checkpoint in hand needs no separate call)."""
     resolve_dtype(cfg.dtype, resolve_device(cfg.device))
     _kv_dtype_named(cfg.kv_dtype)
     check_attention_spec(cfg.attention)
@@ -108,6 +109,10 @@ def check_engine_config(cfg: EngineConfig) -> None:
     if cfg.quant is not None:
         from .quant import parse_method
         parse_method(cfg.quant)
+    _check_max_num_seqs(cfg)
+
+
+def _check_max_num_seqs(cfg: EngineConfig) -> None:
     if cfg.max_num_seqs < 1:
         raise ConfigError(f"max_num_seqs must be >= 1, got {cfg.max_num_seqs}")
 
@@ -177,7 +182,6 @@ class Engine:
         """`shard`, when given, is called with the built model and returns the part this rank runs (tensor
         parallel: `ringlet.mpi.tp.apply_tp`); the KV cache then holds that model's (local) KV heads."""
         cfg = config or EngineConfig()
-        check_engine_config(cfg)
         self.config = cfg
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
@@ -186,6 +190,7 @@ class Engine:
         if cfg.max_model_len is not None:
             check_context(self.model_config, cfg.max_model_len)
         patterns = parse_attention(cfg.attention, self.model_config.n_layers)
+        _check_max_num_seqs(cfg)
         self.tokenizer = checkpoint.tokenizer
         weights = checkpoint.weights
         if cfg.quant is not None:
